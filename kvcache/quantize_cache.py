@@ -1,0 +1,141 @@
+"""Asymmetric uint8 / packed-uint4 quantization of KV-cache tensors laid out as [batch, heads, seq, head_dim].
+
+Two granularities:
+
+* ``"token"`` (default): one scale and one integer zero point per (batch, head, position), taken over head_dim.
+  The quantized range always contains 0, so the zero point is an integer in ``[qmin, qmax]``; that keeps
+  ``scale * (q - zero)`` exact in bf16/fp16 apart from the final product, and makes every row round-trip within
+  ``scale / 2`` (round to nearest). Rows whose values are all equal (zeros included) are stored exactly.
+* ``"chunk"``: the arithmetic of the original Qwen release, bit for bit: one min/max per (batch, head) over the whole
+  chunk being quantized, float zero point, truncation instead of rounding, ``bits`` ignored. A constant chunk
+  divides by zero there, as it did in the original.
+
+With ``bits=4`` (token granularity) two values share a byte along head_dim: element ``2j`` in the low nibble and
+``2j + 1`` in the high nibble, so the last dimension is ``head_dim // 2``.
+
+NaN or infinite inputs raise ``ValueError``: a single such value would silently poison the scale of its whole row
+(or chunk) and every later attention step reading it, so failing loudly is the safer contract.
+"""
+import torch
+
+GRANULARITIES = ("token", "chunk")
+
+
+def _as_float(value, name: str) -> float:
+    """Reads a python number out of an int/float or a one-element tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must hold a single value, got shape {tuple(value.shape)}")
+        return float(value.item())
+    return float(value)
+
+
+def _check_finite(fdata: torch.Tensor) -> None:
+    if not bool(torch.isfinite(fdata).all()):
+        raise ValueError("quantize_cache_v: fdata contains NaN or inf values, which cannot be quantized")
+
+
+def pack_int4(qdata: torch.Tensor) -> torch.Tensor:
+    """Packs uint8 values in [0, 15] pairwise along the last dim: even index -> low nibble, odd -> high nibble."""
+    if qdata.shape[-1] % 2 != 0:
+        raise ValueError(f"4-bit packing needs an even last dimension, got {qdata.shape[-1]}")
+    return (qdata[..., 0::2] | (qdata[..., 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_int4``: [..., n/2] uint8 -> [..., n] uint8 values in [0, 15]."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def _quantize_chunk(fdata, qmax, qmin):
+    """The original Qwen `quantize_cache_v` arithmetic (per (batch, head) min/max, truncation)."""
+    shape = fdata.shape
+    fdata_cal = torch.flatten(fdata, 2)
+    fmax = torch.amax(fdata_cal, dim=-1, keepdim=True)
+    fmin = torch.amin(fdata_cal, dim=-1, keepdim=True)
+    if not isinstance(qmax, torch.Tensor):
+        qmax = torch.tensor(qmax)
+    if not isinstance(qmin, torch.Tensor):
+        qmin = torch.tensor(qmin)
+    if qmax.device != fmax.device:
+        qmax = qmax.to(fdata.device)
+        qmin = qmin.to(fdata.device)
+    scale = (fmax - fmin) / (qmax - qmin)
+    zero = qmin - fmin / scale
+    scale = scale.unsqueeze(-1).repeat(1, 1, shape[2], 1).contiguous()
+    zero = zero.unsqueeze(-1).repeat(1, 1, shape[2], 1).contiguous()
+    res_data = fdata / scale + zero
+    qdata = torch.clamp(res_data, qmin, qmax).to(torch.uint8)
+    return qdata.contiguous(), scale, zero
+
+
+def _round_up_to_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Casts float32 ``value`` to ``dtype`` rounding upwards, so a stored scale never shrinks the covered range."""
+    stored = value.to(dtype)
+    if dtype == torch.float32:
+        return stored
+    bumped = (value * (1.0 + torch.finfo(dtype).eps)).to(dtype)
+    return torch.where(stored.float() < value, bumped, stored)
+
+
+def _quantize_token(fdata, bits, qmax, qmin):
+    """Per-(batch, head, position) asymmetric quantization over head_dim with round to nearest."""
+    x = fdata.float()
+    lo = torch.clamp(torch.amin(x, dim=-1, keepdim=True), max=0.0)
+    hi = torch.clamp(torch.amax(x, dim=-1, keepdim=True), min=0.0)
+    fmin = torch.amin(x, dim=-1, keepdim=True)
+    fmax = torch.amax(x, dim=-1, keepdim=True)
+    constant = fmax == fmin
+
+    scale = _round_up_to_dtype((hi - lo) / (qmax - qmin), fdata.dtype)
+    scale32 = scale.float()
+    zero32 = torch.clamp(torch.round(qmin - lo / torch.where(constant, 1.0, scale32)), qmin, qmax)
+
+    # Constant rows (c, c, ..., c): scale = |c| and q - zero = sign(c), which reconstructs c exactly.
+    abs_c = fmax.abs()
+    const_scale = torch.where(abs_c > 0, abs_c, torch.ones_like(abs_c))
+    const_zero = torch.where(fmax < 0, torch.full_like(abs_c, qmin + 1.0), torch.full_like(abs_c, qmin))
+    scale32 = torch.where(constant, const_scale, scale32)
+    zero32 = torch.where(constant, const_zero, zero32)
+
+    q = torch.clamp(torch.round(x / scale32 + zero32), qmin, qmax).to(torch.uint8)
+    if bits == 4:
+        q = pack_int4(q)
+    return q.contiguous(), scale32.to(fdata.dtype).contiguous(), zero32.to(fdata.dtype).contiguous()
+
+
+def quantize_cache_v(fdata, bits, qmax, qmin, granularity="token"):
+    """Quantizes ``fdata`` [batch, heads, seq, head_dim] to ``(qdata, scale, zero)`` with scale/zero [b, h, seq, 1].
+
+    ``qmax``/``qmin`` are tensors or numbers (255/0 for 8 bits, 15/0 for 4 bits); see the module docstring for the
+    two granularities.
+    """
+    if not isinstance(fdata, torch.Tensor) or fdata.dim() != 4:
+        raise ValueError("quantize_cache_v expects a 4-D tensor [batch, heads, seq, head_dim]")
+    if fdata.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"quantize_cache_v supports float16/bfloat16/float32 inputs, got {fdata.dtype}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    _check_finite(fdata)
+    if granularity == "chunk":
+        return _quantize_chunk(fdata, qmax, qmin)
+
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    qmax_f, qmin_f = _as_float(qmax, "qmax"), _as_float(qmin, "qmin")
+    if not (0 <= qmin_f < qmax_f <= 2**bits - 1) or qmin_f != int(qmin_f) or qmax_f != int(qmax_f):
+        raise ValueError(f"qmin/qmax must be integers with 0 <= qmin < qmax <= {2**bits - 1}, got {qmin_f}/{qmax_f}")
+    if bits == 4 and fdata.shape[-1] % 2 != 0:
+        raise ValueError(f"4-bit cache quantization needs an even head_dim, got {fdata.shape[-1]}")
+    return _quantize_token(fdata, bits, qmax_f, qmin_f)
+
+
+def dequantize_cache_torch(qdata, scale, zero, bits=8):
+    """Returns ``scale * (qdata - zero)`` in scale's dtype, unpacking 4-bit data first."""
+    if bits == 4:
+        qdata = unpack_int4(qdata)
+    elif bits != 8:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    return scale * (qdata - zero)

@@ -1,0 +1,149 @@
+"""Attention of float queries over a quantized KV cache: a plain-torch reference and a backend dispatcher.
+
+``layer_past`` is ``((q_key, key_scale, key_zero), (q_value, value_scale, value_zero))`` as returned by
+``QuantizedKVCache.update``. Whether it is 8-bit or packed 4-bit is read off the shapes: q_key's last dimension is
+head_dim for 8 bits and head_dim / 2 for 4 bits.
+
+``attn_mask`` is additive (0 keeps, a large negative value masks), floating point, broadcastable to
+``[batch, 1 or heads, q_len, kv_len]``; ``None`` means no mask (so callers add their causal mask themselves).
+"""
+import logging
+import math
+
+import torch
+
+from kvcache.quantize_cache import dequantize_cache_torch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def cache_bits(query: torch.Tensor, layer_past) -> int:
+    """Returns 8 or 4 from the stored width versus the query's head_dim; rejects malformed layer_past."""
+    (q_key, key_scale, key_zero), (q_value, value_scale, value_zero) = layer_past
+    head_dim = query.shape[-1]
+    if q_key.dtype != torch.uint8 or q_value.dtype != torch.uint8:
+        raise ValueError(f"quantized key/value must be uint8, got {q_key.dtype}/{q_value.dtype}")
+    if q_key.shape != q_value.shape:
+        raise ValueError(f"q_key and q_value shapes differ: {tuple(q_key.shape)} vs {tuple(q_value.shape)}")
+    if q_key.dim() != 4 or query.dim() != 4 or q_key.shape[:2] != query.shape[:2]:
+        raise ValueError(
+            f"query {tuple(query.shape)} and q_key {tuple(q_key.shape)} must be [batch, heads, seq, dim] alike"
+        )
+    expected_scale = (*q_key.shape[:3], 1)
+    for name, t in (("key_scale", key_scale), ("key_zero", key_zero), ("value_scale", value_scale),
+                    ("value_zero", value_zero)):
+        if tuple(t.shape) != expected_scale:
+            raise ValueError(f"{name} must have shape {expected_scale}, got {tuple(t.shape)}")
+    if q_key.shape[-1] == head_dim:
+        return 8
+    if 2 * q_key.shape[-1] == head_dim:
+        return 4
+    raise ValueError(f"q_key last dim {q_key.shape[-1]} fits neither 8-bit nor 4-bit storage of head_dim {head_dim}")
+
+
+def check_mask(attn_mask, query: torch.Tensor, kv_len: int):
+    """Validates an additive mask and returns it expanded (as a view) to [b, heads, q_len, kv_len], or None."""
+    if attn_mask is None:
+        return None
+    if not attn_mask.is_floating_point():
+        raise ValueError(f"attn_mask must be an additive floating-point mask, got {attn_mask.dtype}")
+    b, h, q_len, _ = query.shape
+    try:
+        return attn_mask.expand(b, h, q_len, kv_len)
+    except RuntimeError as err:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {(b, h, q_len, kv_len)}"
+        ) from err
+
+
+def attention_torch(query, layer_past, attn_mask=None, scale=None, softmax_in_fp32=True):
+    """softmax(query @ K^T * scale + mask) @ V with K, V dequantized from ``layer_past``; returns query's dtype.
+
+    ``scale`` defaults to 1/sqrt(head_dim); the query is otherwise taken as is (logn scaling is the caller's).
+    """
+    bits = cache_bits(query, layer_past)
+    (q_key, key_scale, key_zero), (q_value, value_scale, value_zero) = layer_past
+    mask = check_mask(attn_mask, query, q_key.shape[-2])
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    key = dequantize_cache_torch(q_key, key_scale, key_zero, bits=bits).to(query.dtype)
+    value = dequantize_cache_torch(q_value, value_scale, value_zero, bits=bits).to(query.dtype)
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    if softmax_in_fp32:
+        scores = scores.float()
+    scores = scores * scale
+    if mask is not None:
+        scores = scores + mask.to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    return torch.matmul(probs, value)
+
+
+def attention_cuda_kernels(kernels, query, layer_past, attn_mask=None, scale=None):
+    """Scores and weighted sum through the compiled fp16 cache kernels; mask and softmax (fp32) in torch."""
+    bits = cache_bits(query, layer_past)
+    (q_key, key_scale, key_zero), (q_value, value_scale, value_zero) = layer_past
+    mask = check_mask(attn_mask, query, q_key.shape[-2])
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    half = lambda t: t.to(torch.float16).contiguous()  # noqa: E731
+    b, h, q_len, head_dim = query.shape
+    kv_len = q_key.shape[-2]
+    scores = torch.zeros((b, h, q_len, kv_len), dtype=torch.float16, device=query.device)
+    score_fn = kernels.vecquant8matmul_batched_faster_old if bits == 8 else kernels.vecquant4matmul_batched_faster_old
+    score_fn(half(query), q_key.transpose(-1, -2).contiguous(), scores, half(key_scale), half(key_zero))
+    scores = scores.float() * scale
+    if mask is not None:
+        scores = scores + mask.float()
+    probs = torch.softmax(scores, dim=-1).to(torch.float16).contiguous()
+    out = torch.zeros((b, h, q_len, head_dim), dtype=torch.float16, device=query.device)
+    sum_fn = (kernels.vecquant8matmul_batched_column_compression_faster_old if bits == 8
+              else kernels.vecquant4matmul_batched_column_compression_faster_old)
+    sum_fn(probs, q_value.contiguous(), out, half(value_scale), half(value_zero))
+    return out.to(query.dtype)
+
+
+def _triton_usable(query: torch.Tensor) -> bool:
+    if not query.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def quantized_attention(query, layer_past, attn_mask, scale, backend="auto"):
+    """Attention over a quantized layer with the chosen backend.
+
+    "auto" picks the compiled CUDA kernels when they are already loaded in this process (see
+    ``kvcache.cpp_kernels.load_cache_kernels``) and the tensors are on CUDA, else the fused Triton kernel on CUDA,
+    else the torch reference. "cuda" builds/loads the kernels on demand and falls back to torch if that fails.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return attention_torch(query, layer_past, attn_mask, scale)
+    if backend == "triton":
+        from kvcache.triton_attention import attention_triton
+
+        return attention_triton(query, layer_past, attn_mask, scale)
+
+    from kvcache import cpp_kernels
+
+    if backend == "cuda":
+        kernels = cpp_kernels.load_cache_kernels() if query.is_cuda else None
+        if kernels is None:
+            logger.debug("CUDA cache kernels unavailable; using the torch reference")
+            return attention_torch(query, layer_past, attn_mask, scale)
+        return attention_cuda_kernels(kernels, query, layer_past, attn_mask, scale)
+
+    kernels = cpp_kernels.loaded_cache_kernels()
+    if query.is_cuda and kernels is not None:
+        return attention_cuda_kernels(kernels, query, layer_past, attn_mask, scale)
+    if _triton_usable(query):
+        from kvcache.triton_attention import attention_triton
+
+        return attention_triton(query, layer_past, attn_mask, scale)
+    return attention_torch(query, layer_past, attn_mask, scale)
