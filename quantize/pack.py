@@ -69,7 +69,8 @@ def unpack_rows(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return values.view(-1, m)[:n].to(torch.int32)
 
 
-def _check_format(checkpoint_format: str) -> None:
+def check_checkpoint_format(checkpoint_format: str) -> None:
+    """Raise ValueError unless checkpoint_format is "gptq" or "gptq_v2"."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
 
@@ -79,7 +80,7 @@ def pack_layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
     """Pack integer codes [out, in], scales [n_groups, out], true zero points [n_groups, out] and g_idx [in] into
     the checkpoint tensors qweight, qzeros, scales (float16) and g_idx (int32)."""
     maxq = check_bits(bits)
-    _check_format(checkpoint_format)
+    check_checkpoint_format(checkpoint_format)
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
     out_features, in_features = codes.shape
@@ -116,7 +117,7 @@ def unpack_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
                  checkpoint_format: str = "gptq") -> tuple[torch.Tensor, torch.Tensor]:
     """Read checkpoint tensors back into (codes int32 [out, in], true zero points int32 [n_groups, out])."""
     check_bits(bits)
-    _check_format(checkpoint_format)
+    check_checkpoint_format(checkpoint_format)
     n_groups, out_features = scales.shape
     in_features = g_idx.numel()
     if qweight.shape != (packed_length(in_features, bits), out_features):
@@ -148,7 +149,7 @@ def quantize_config(bits: int, group_size: int, damp_percent: float, desc_act: b
     checkpoint_format (default: checkpoint_format_for(sym))."""
     check_bits(bits)
     checkpoint_format = checkpoint_format or checkpoint_format_for(sym)
-    _check_format(checkpoint_format)
+    check_checkpoint_format(checkpoint_format)
     return {
         "bits": bits,
         "group_size": group_size,
