@@ -67,26 +67,32 @@ def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
     return perm[perm < n]
 
 
-def upper_factor(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
-    """Upper-triangular V with V V^T = H + damp * mean(diag H) * I.
+def upper_factor(H: torch.Tensor, order: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """Upper-triangular float32 V with V V^T = Hp + damp * mean(diag Hp) * I, Hp = H[order][:, order] with zero
+    diagonal entries (dead inputs) set to 1.
 
-    If the damped H is not positive definite the damping is doubled (warning logged) until it is; ValueError
-    once it would reach 100%. Returns (V, damp_percent used).
+    Computed as the flipped lower Cholesky factor of the flipped matrix (one copy of H, one factorisation). If the
+    damped matrix is not positive definite the damping is doubled (warning logged) until it is; ValueError once it
+    would reach 100%. Returns (V, damp_percent used).
     """
     n = H.shape[0]
-    mean_diag = torch.diagonal(H).mean()
-    flipped = H.flip(0, 1)
+    reverse = order.flip(0)
+    A = H[reverse[:, None], reverse[None, :]].to(torch.float32)  # J Hp J
+    diagonal = torch.diagonal(A)
+    diagonal.masked_fill_(diagonal == 0, 1.0)
+    mean_diag = diagonal.mean()
     damp = damp_percent
+    diagonal.add_(damp * mean_diag)
     while True:
-        damped = flipped.clone()
-        torch.diagonal(damped).add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        lower, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
+            del A
             return lower.flip(0, 1), damp
         new_damp = max(2 * damp, 0.01)
         if new_damp >= MAX_DAMP_PERCENT:
             raise ValueError(f"Hessian of size {n} is not positive definite even with damp_percent={damp:.4f}")
         log.warning("Hessian not positive definite with damp_percent=%.4f; retrying with %.4f", damp, new_damp)
+        diagonal.add_((new_damp - damp) * mean_diag)
         damp = new_damp
 
 
@@ -145,16 +151,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if not torch.isfinite(H).all():
         raise ValueError("H contains NaN or inf")
     device = W.device
-    W32 = W.to(torch.float32).clone()
-    H = H.to(device=device, dtype=torch.float32).clone()
-
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W32[:, dead] = 0
+    H = H.to(device)
+    diag = torch.diagonal(H).to(torch.float32)
+    dead = diag == 0
+    diag = diag.masked_fill(dead, 1.0)
     n_groups = math.ceil(n / gs)
     column_group = torch.arange(n, device=device) // gs
 
-    diag = torch.diagonal(H)
     if desc_act:
         perm = torch.argsort(diag, descending=True, stable=True)
     elif act_group_aware:
@@ -168,17 +171,17 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     g_idx = torch.empty(n, dtype=torch.int32, device=device)
     g_idx[perm] = group_of_position.to(torch.int32)
 
+    Wt = W.t()[perm].to(torch.float32).contiguous()  # [in, out]: permuted columns as contiguous rows
+    Wt[dead[perm]] = 0
     scales = torch.zeros(n_groups, out_features, dtype=torch.float32, device=device)
     zeros = torch.zeros(n_groups, out_features, dtype=torch.float32, device=device)
     if static_groups:
+        position_of = torch.argsort(perm)
         for g in range(n_groups):
-            s, z = find_params(W32[:, g * gs:(g + 1) * gs], bits, sym)
+            s, z = find_params(Wt[position_of[g * gs:(g + 1) * gs]].t(), bits, sym)
             scales[g], zeros[g] = round_scale_fp16(s), z
 
-    Wt = W32.t()[perm].contiguous()  # [in, out], permuted columns as rows
-    del W32
-    V, damp = upper_factor(H[perm][:, perm], damp_percent)
-    del H
+    V, damp = upper_factor(H, perm, damp_percent)
     dV = torch.diagonal(V).clone()
     Vn = V.div_(dV)  # Vn[i, j] = V[i, j] / V[j, j]
 
