@@ -53,6 +53,13 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, inp: torch.Tensor) -> tup
     return H, n + m
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """True if x has no NaN/inf; one sum decides in the common case (an overflowing sum falls back to a mask)."""
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
     """GAR permutation (perm[new_position] = old_column): each group's columns by decreasing diag, groups by
     decreasing max diag. A partial last group is treated as a group of its own."""
@@ -122,8 +129,10 @@ def _group_weight(Wt, W1, R, Vn, dV, p, e, b0, b1) -> torch.Tensor:
         pulled = (W1[p - b0:e - b0] - Wt[p:e]) * dV[p:e, None]
     else:
         pulled = (Vn[:p, p:e].t() @ R[:p]) * dV[p:e, None]
-    V_block_t = (Vn[p:e, p:e] * dV[None, p:e]).t()
-    return Wt[p:e] + torch.linalg.solve_triangular(V_block_t, pulled, upper=False)
+    V_block = Vn[p:e, p:e] * dV[None, p:e]
+    eye = torch.eye(e - p, dtype=V_block.dtype, device=V_block.device)
+    V_block_inv_t = torch.linalg.solve_triangular(V_block, eye, upper=True).t()  # small; then one fast GEMM
+    return torch.addmm(Wt[p:e], V_block_inv_t, pulled)
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True,
@@ -146,9 +155,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     gs = check_group_size(group_size, n)
-    if not torch.isfinite(W).all():
+    if not _all_finite(W):
         raise ValueError("W contains NaN or inf")
-    if not torch.isfinite(H).all():
+    if not _all_finite(H):
         raise ValueError("H contains NaN or inf")
     device = W.device
     H = H.to(device)
