@@ -18,6 +18,13 @@ def _tiktoken_encoding(tokenizer):
     return encoding if isinstance(encoding, tiktoken.Encoding) else None
 
 
+def _unsupported(tokenizer) -> ValueError:
+    return ValueError(
+        f"unsupported tokenizer {type(tokenizer).__name__}: expected a Qwen tokenizer with a tiktoken `.tokenizer` "
+        "or a Hugging Face PreTrainedTokenizer"
+    )
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` as plain text: no BOS/EOS added, special-token strings encoded as ordinary text
     (Qwen tiktoken tokenizers: NFC-normalized first, as Qwen's own tokenizer does)."""
@@ -29,22 +36,20 @@ def encode_text(tokenizer, text: str) -> list[int]:
         return encoding.encode(unicodedata.normalize("NFC", text), allowed_special=set(), disallowed_special=())
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-    raise ValueError(
-        f"unsupported tokenizer {type(tokenizer).__name__}: expected a Qwen tokenizer with a tiktoken `.tokenizer` "
-        "or a Hugging Face PreTrainedTokenizer"
-    )
+    raise _unsupported(tokenizer)
 
 
 def chat_marker_ids(tokenizer) -> tuple[int, int]:
     """The ``(<|im_start|>, <|im_end|>)`` token ids the chatml template needs."""
-    ids = (getattr(tokenizer, "im_start_id", None), getattr(tokenizer, "im_end_id", None))
-    if all(isinstance(i, int) for i in ids):
-        return ids
-    if isinstance(tokenizer, PreTrainedTokenizerBase):
+    if _tiktoken_encoding(tokenizer) is not None:
+        ids = (getattr(tokenizer, "im_start_id", None), getattr(tokenizer, "im_end_id", None))
+    elif isinstance(tokenizer, PreTrainedTokenizerBase):
         vocab = tokenizer.get_vocab()
         ids = (vocab.get(IM_START), vocab.get(IM_END))
-        if all(isinstance(i, int) for i in ids):
-            return ids
+    else:
+        raise _unsupported(tokenizer)
+    if all(isinstance(i, int) for i in ids):
+        return ids
     raise ValueError(
         f"tokenizer {type(tokenizer).__name__} has no {IM_START}/{IM_END} tokens, needed for chatml conversations"
     )
