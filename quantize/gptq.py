@@ -212,7 +212,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         W1 = Wt[b0:b1].clone()
         if b0 > 0:
             W1.addmm_(Vn[:b0, b0:b1].t(), R[:b0])
-        Q1 = torch.empty_like(W1)
+        C1 = torch.empty_like(W1)  # codes of the block
         for s0, s1 in sub_blocks:
             for p in range(s0, s1):
                 j = p - b0
@@ -221,15 +221,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
                     x = _group_weight(Wt, W1, R, Vn, dV, p, run_ends[p], b0, b1)
                     s, z = find_params(x.t(), bits, sym)
                     scales[g], zeros[g] = round_scale_fp16(s), z
-                q, c = quantize(W1[j], scales[g], zeros[g], maxq)
-                Q1[j] = q
-                codes[p] = c.to(torch.uint8)
+                q, C1[j] = quantize(W1[j], scales[g], zeros[g], maxq)
                 torch.sub(Wt[p], q, out=R[p])
                 if p + 1 < s1:
                     W1[j + 1:s1 - b0].addr_(Vn[p, p + 1:s1], R[p])
             if s1 < b1:
                 W1[s1 - b0:].addmm_(Vn[s0:s1, s1:b1].t(), R[s0:s1])
-        loss += (((W1 - Q1) * dV[b0:b1, None]) ** 2).sum(dtype=torch.float64) / 2
+        codes[b0:b1] = C1
+        W1 += R[b0:b1] - Wt[b0:b1]  # now W_upd - Q
+        loss += ((W1 * dV[b0:b1, None]) ** 2).sum(dtype=torch.float64) / 2
 
     invperm = torch.argsort(perm)
     dequant = (Wt - R)[invperm].t().contiguous()

@@ -26,6 +26,7 @@ def _grid(x, bits, sym):
 
 def reference_gptq(W, H, bits, group_size, sym, damp, order, static_groups=False):
     """Textbook GPTQ in float64: one column at a time with the upper Cholesky factor of H^-1, no lazy batching.
+    Returns (dequantized weight, g_idx, loss = sum of squared column errors / U[j, j]^2 / 2).
 
     order: 'natural', 'desc' (act-order) or 'gar'. A group's grid is taken when its first column comes up.
     """
@@ -53,6 +54,7 @@ def reference_gptq(W, H, bits, group_size, sym, damp, order, static_groups=False
     H += damp * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
+    loss = 0.0
     current = None
     for j in range(n):
         if static_groups:
@@ -66,10 +68,11 @@ def reference_gptq(W, H, bits, group_size, sym, damp, order, static_groups=False
         q = scale * (torch.clamp(torch.round(W[:, j] / scale) + zero, 0, maxq) - zero)
         Q[:, j] = q
         err = (W[:, j] - q) / U[j, j]
+        loss += float((err ** 2).sum()) / 2
         W[:, j:] -= err[:, None] * U[j, j:][None, :]
     g_idx = torch.empty(n, dtype=torch.long)
     g_idx[perm] = torch.tensor(group_at)
-    return Q[:, torch.argsort(perm)], g_idx
+    return Q[:, torch.argsort(perm)], g_idx, loss
 
 
 def correlated_inputs(n, rows=400, seed=0):
@@ -98,7 +101,8 @@ def test_matches_reference(out, n, gs, bits, sym, order, static):
     W = torch.randn(out, n)
     res = gptq_quantize(W, H, bits, gs, sym, damp_percent=0.01, desc_act=order == "desc",
                         static_groups=static, act_group_aware=order == "gar", blocksize=32)
-    ref, ref_g_idx = reference_gptq(W, H, bits, gs, sym, 0.01, order, static)
+    ref, ref_g_idx, ref_loss = reference_gptq(W, H, bits, gs, sym, 0.01, order, static)
+    assert res.loss == pytest.approx(ref_loss, rel=0.02)
     assert torch.equal(res.g_idx.long(), ref_g_idx)
     differ = (res.weight.double() - ref).abs() > 1e-4
     # float32 vs float64 can flip a rounding near a tie, and error feedback carries the flip along the row
