@@ -83,10 +83,10 @@ def _round_up_to_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _quantize_token(fdata, bits, qmax, qmin):
     """Per-(batch, head, position) asymmetric quantization over head_dim with round to nearest."""
     x = fdata.float()
-    lo = torch.clamp(torch.amin(x, dim=-1, keepdim=True), max=0.0)
-    hi = torch.clamp(torch.amax(x, dim=-1, keepdim=True), min=0.0)
     fmin = torch.amin(x, dim=-1, keepdim=True)
     fmax = torch.amax(x, dim=-1, keepdim=True)
+    lo = torch.clamp(fmin, max=0.0)
+    hi = torch.clamp(fmax, min=0.0)
     constant = fmax == fmin
 
     scale = _round_up_to_dtype((hi - lo) / (qmax - qmin), fdata.dtype)
