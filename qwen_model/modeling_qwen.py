@@ -1,0 +1,395 @@
+"""The Qwen (v1) model: RMSNorm, rotary embeddings with dynamic NTK and logn scaling, fused c_attn, SwiGLU MLP.
+
+Parameter names follow the original Qwen-7B-Chat checkpoints. The KV cache is stored and read in exactly one place,
+`QWenAttention.forward`: a float `DynamicCache`, or, with `use_cache_quantization`, a `QuantizedKVCache` whose
+per-layer entry is `((q_key, key_scale, key_zero), (q_value, value_scale, value_zero))`.
+"""
+import copy
+import logging
+import math
+import queue
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from kvcache.quantize_cache import quantize_cache_v
+from kvcache.quantized_attention import quantized_attention
+from kvcache.quantized_cache import QuantizedKVCache
+
+from .configuration_qwen import QWenConfig
+from .qwen_generation_utils import DEFAULT_SYSTEM, decode_tokens, get_stop_words_ids, make_context
+
+logger = logging.getLogger(__name__)
+
+
+def _default_dtype(config: QWenConfig) -> torch.dtype:
+    """Precision from the config flags; with none set, bf16 (else fp16) on CUDA and fp32 on CPU, as the original."""
+    if config.bf16:
+        return torch.bfloat16
+    if config.fp16:
+        return torch.float16
+    if config.fp32 or not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def ntk_alpha(true_seq_len: int, seq_length: int) -> float:
+    """Dynamic NTK factor of the original: 1 up to `seq_length`, then 2**ceil(log2(len/seq_length) + 1) - 1."""
+    context_value = math.log(true_seq_len / seq_length, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def rotary_cos_sin(position_ids, alphas, dim, base):
+    """cos/sin `[b, 1, s, dim]` for each sample's positions and NTK factor (fp32, as the original computes them)."""
+    exponent = torch.arange(0, dim, 2, device=position_ids.device).float() / dim
+    scaled_base = torch.tensor([base * a ** (dim / (dim - 2)) for a in alphas], device=position_ids.device)
+    inv_freq = 1.0 / (scaled_base[:, None] ** exponent[None, :])  # [b or 1, dim/2]
+    freqs = position_ids.float()[:, :, None] * inv_freq[:, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary_pos_emb(t, cos, sin):
+    """Rotate the first `cos.shape[-1]` channels of `t` `[b, h, s, d]` (NeoX halves), in fp32."""
+    rot_dim = cos.shape[-1]
+    t_, t_pass = t[..., :rot_dim].float(), t[..., rot_dim:]
+    x1, x2 = t_.chunk(2, dim=-1)
+    t_ = t_ * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((t_.type_as(t), t_pass), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+class QWenAttention(nn.Module):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.projection_size = config.kv_channels * config.num_attention_heads
+        self.scale_attn_weights = config.scale_attn_weights
+        self.c_attn = nn.Linear(config.hidden_size, 3 * self.projection_size)
+        self.c_proj = nn.Linear(self.projection_size, config.hidden_size, bias=not config.no_bias)
+        self.attn_dropout = nn.Dropout(config.attn_dropout_prob)
+        self.config = config
+
+    def forward(self, hidden_states, rotary_pos_emb, attention_mask=None, cache=None, logn_scale=None):
+        b, s, _ = hidden_states.shape
+        query, key, value = self.c_attn(hidden_states).split(self.projection_size, dim=2)
+        query, key, value = (t.view(b, s, self.num_heads, -1).transpose(1, 2) for t in (query, key, value))
+        cos, sin = rotary_pos_emb
+        query = apply_rotary_pos_emb(query, cos, sin)
+        key = apply_rotary_pos_emb(key, cos, sin)
+        if logn_scale is not None:
+            query = query * logn_scale.type_as(query)
+        scale = 1.0 / math.sqrt(value.shape[-1]) if self.scale_attn_weights else 1.0
+
+        quantized = isinstance(cache, QuantizedKVCache) or (cache is None and self.config.use_cache_quantization)
+        # The one place where the KV cache is stored and read.
+        if cache is not None:
+            layer_past = cache.update(key, value, self.layer_idx)
+        elif quantized:
+            layer_past = tuple(self._quantize_chunk(t) for t in (key, value))
+        else:
+            layer_past = (key, value)
+
+        if quantized:
+            backend = "torch" if query.device.type == "cpu" else ("cuda" if self.config.use_cache_kernel else "triton")
+            out = quantized_attention(query, layer_past, attention_mask, scale, backend=backend)
+        else:
+            k, v = layer_past
+            out = F.scaled_dot_product_attention(
+                query, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and s > 1 and k.shape[2] == s,
+                dropout_p=self.attn_dropout.p if self.training else 0.0, scale=scale,
+            )
+        out = out.transpose(1, 2).reshape(b, s, self.projection_size)
+        return self.c_proj(out)
+
+    def _quantize_chunk(self, t):
+        bits = self.config.cache_bits
+        qmax = torch.tensor(2**bits - 1, device=t.device)
+        qmin = torch.tensor(0, device=t.device)
+        return quantize_cache_v(t, bits, qmax, qmin, granularity=self.config.cache_granularity)
+
+
+class QWenMLP(nn.Module):
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        ff = config.intermediate_size // 2
+        self.w1 = nn.Linear(config.hidden_size, ff, bias=not config.no_bias)
+        self.w2 = nn.Linear(config.hidden_size, ff, bias=not config.no_bias)
+        self.c_proj = nn.Linear(ff, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, x):
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class QWenBlock(nn.Module):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = QWenAttention(config, layer_idx)
+        self.ln_2 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = QWenMLP(config)
+
+    def forward(self, hidden_states, rotary_pos_emb, attention_mask=None, cache=None, logn_scale=None):
+        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), rotary_pos_emb, attention_mask, cache,
+                                                  logn_scale)
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class QWenPreTrainedModel(PreTrainedModel):
+    config_class = QWenConfig
+    base_model_prefix = "transformer"
+    _no_split_modules = ["QWenBlock"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+
+
+class QWenModel(QWenPreTrainedModel):
+    def __init__(self, config: QWenConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.drop = nn.Dropout(config.emb_dropout_prob)
+        self.h = nn.ModuleList([QWenBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.rotary_ndims = int(config.kv_channels * config.rotary_pct)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    def _ntk_alphas(self, cache, attention_mask, past_len, kv_len, batch):
+        """Per-sample NTK factors: fixed at prefill (kept on the cache for decoding), from each row's true length."""
+        if self.training or not self.config.use_dynamic_ntk:
+            return [1.0]
+        stored = getattr(cache, "qwen_ntk_alphas", None)
+        if past_len > 0 and stored is not None and len(stored) in (1, batch):
+            return stored
+        if attention_mask is not None and kv_len > self.config.seq_length:
+            alphas = [ntk_alpha(int(n), self.config.seq_length) for n in attention_mask.sum(-1).tolist()]
+        else:
+            alphas = [ntk_alpha(kv_len, self.config.seq_length)]
+        if cache is not None:
+            cache.qwen_ntk_alphas = alphas
+        return alphas
+
+    def _attention_mask(self, attention_mask, q_len, past_len, dtype, device, explicit):
+        """Additive `[b, 1, q, kv]` mask from a 2D padding mask and causality.
+
+        None when nothing is masked or (unless `explicit`) when SDPA's own causal mask suffices.
+        """
+        kv_len = past_len + q_len
+        if attention_mask is None or bool(attention_mask.all()):
+            if q_len == 1 or (past_len == 0 and not explicit):
+                return None
+            keep = torch.ones(1, kv_len, dtype=torch.bool, device=device)
+        else:
+            keep = attention_mask[:, -kv_len:].bool()
+        causal = torch.arange(kv_len, device=device)[None, :] <= (torch.arange(q_len, device=device) + past_len)[:, None]
+        allowed = causal[None, None] & keep[:, None, None, :]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def forward(self, input_ids=None, cache=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                use_cache=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+                raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got values outside it")
+            inputs_embeds = self.wte(input_ids)
+        b, q_len = inputs_embeds.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = QuantizedKVCache(bits=self.config.cache_bits, granularity=self.config.cache_granularity) \
+                if self.config.use_cache_quantization else DynamicCache()
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__} (tuples are not supported)")
+        if self.config.use_cache_quantization and cache is not None and not isinstance(cache, QuantizedKVCache):
+            raise ValueError("use_cache_quantization=True needs a QuantizedKVCache, got " + type(cache).__name__)
+        past_len = cache.get_seq_length() if cache is not None else 0
+        kv_len = past_len + q_len
+        if attention_mask is not None and attention_mask.shape[-1] not in (kv_len, q_len):
+            raise ValueError(f"attention_mask has length {attention_mask.shape[-1]}, expected {kv_len}")
+        if attention_mask is not None and attention_mask.shape[-1] == q_len and past_len:
+            attention_mask = torch.cat([attention_mask.new_ones(b, past_len), attention_mask], dim=-1)
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+            else:
+                position_ids = torch.arange(past_len, kv_len, device=inputs_embeds.device)[None].expand(b, -1)
+
+        alphas = self._ntk_alphas(cache, attention_mask, past_len, kv_len, b)
+        rotary = rotary_cos_sin(position_ids, alphas, self.rotary_ndims, self.config.rotary_emb_base)
+        logn_scale = None
+        if self.config.use_logn_attn and not self.training and int(position_ids.max()) + 1 > self.config.seq_length:
+            pos = position_ids.double() + 1
+            logn = torch.where(pos > self.config.seq_length, pos.log() / math.log(self.config.seq_length), 1.0)
+            logn_scale = logn.float()[:, None, :, None]
+        quantized = self.config.use_cache_quantization or isinstance(cache, QuantizedKVCache)
+        mask = self._attention_mask(attention_mask, q_len, past_len, inputs_embeds.dtype, inputs_embeds.device,
+                                    explicit=quantized)
+
+        hidden_states = self.drop(inputs_embeds)
+        for block in self.h:
+            hidden_states = block(hidden_states, rotary, mask, cache, logn_scale)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states), cache=cache)
+
+
+class _QueueStreamer(BaseStreamer):
+    """Hands each generated chunk of token ids to a queue, for `chat_stream`."""
+
+    def __init__(self):
+        self.queue = queue.Queue()
+
+    def put(self, value):
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self):
+        self.queue.put(None)
+
+
+class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
+    def __init__(self, config: QWenConfig):
+        super().__init__(config)
+        self.transformer = QWenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        dtype = _default_dtype(config)
+        if config.bf16 or config.fp16 or torch.get_default_dtype() == torch.float32:
+            self.to(dtype)
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.transformer.wte = new_embeddings
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(self, input_ids=None, cache=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                labels=None, use_cache=None, past_key_values=None, logits_to_keep=0, **kwargs):
+        if past_key_values is not None:
+            if cache is not None and cache is not past_key_values:
+                raise ValueError("pass the cache once, as cache= or past_key_values=")
+            cache = past_key_values
+        out = self.transformer(input_ids=input_ids, cache=cache, attention_mask=attention_mask,
+                               position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Give `generate()` the quantized cache when `use_cache_quantization` is on."""
+        if (self.config.use_cache_quantization and model_kwargs.get("cache") is None
+                and generation_config.use_cache is not False):
+            model_kwargs["cache"] = QuantizedKVCache(bits=self.config.cache_bits,
+                                                     granularity=self.config.cache_granularity)
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _chat_inputs(self, tokenizer, query, history, system, generation_config, kwargs):
+        generation_config = copy.deepcopy(generation_config or self.generation_config)
+        chat_format = getattr(generation_config, "chat_format", "chatml")
+        max_window_size = kwargs.pop("max_window_size", None) or getattr(generation_config, "max_window_size", 6144)
+        raw_text, context_tokens = make_context(tokenizer, query, history=history, system=system,
+                                                max_window_size=max_window_size, chat_format=chat_format)
+        stop_ids = [ids[0] for ids in get_stop_words_ids(chat_format, tokenizer) if len(ids) == 1]
+        eos = generation_config.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        generation_config.eos_token_id = list(dict.fromkeys(eos + stop_ids))
+        if generation_config.pad_token_id is None:
+            generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        input_ids = torch.tensor([context_tokens], device=self.device)
+        return raw_text, context_tokens, input_ids, generation_config, chat_format
+
+    @torch.no_grad()
+    def chat(self, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, generation_config=None,
+             **kwargs):
+        """One chat turn: returns `(response, history)` with `(query, response)` appended to a copy of `history`."""
+        history = copy.deepcopy(history) if history else []
+        raw_text, context_tokens, input_ids, gen_config, chat_format = self._chat_inputs(
+            tokenizer, query, history, system, generation_config, kwargs)
+        outputs = self.generate(input_ids, generation_config=gen_config, **kwargs)
+        response = decode_tokens(outputs[0], tokenizer, raw_text_len=len(raw_text),
+                                 context_length=len(context_tokens), chat_format=chat_format)
+        history.append((query, response))
+        return response, history
+
+    @torch.no_grad()
+    def chat_stream(self, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, generation_config=None,
+                    **kwargs):
+        """Like `chat`, but yields the response decoded so far after each new token."""
+        history = copy.deepcopy(history) if history else []
+        raw_text, context_tokens, input_ids, gen_config, chat_format = self._chat_inputs(
+            tokenizer, query, history, system, generation_config, kwargs)
+        streamer = _QueueStreamer()
+        errors = []
+
+        def run():
+            try:
+                self.generate(input_ids, generation_config=gen_config, streamer=streamer, **kwargs)
+            except Exception as e:  # re-raised in the caller's thread
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        tokens = list(context_tokens)
+        first = True
+        while (chunk := streamer.queue.get()) is not None:
+            if first:  # the streamer first receives the prompt itself
+                first = False
+                continue
+            tokens.extend(chunk)
+            yield decode_tokens(tokens, tokenizer, raw_text_len=len(raw_text), context_length=len(context_tokens),
+                                chat_format=chat_format)
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+__all__ = ["QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "GenerationConfig"]
