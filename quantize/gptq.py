@@ -84,7 +84,7 @@ def upper_factor(H: torch.Tensor, order: torch.Tensor, damp_percent: float) -> t
     """
     n = H.shape[0]
     reverse = order.flip(0)
-    A = H[reverse[:, None], reverse[None, :]].to(torch.float32)  # J Hp J
+    A = H.index_select(0, reverse).index_select(1, reverse).to(torch.float32)  # J Hp J
     diagonal = torch.diagonal(A)
     diagonal.masked_fill_(diagonal == 0, 1.0)
     mean_diag = diagonal.mean()
