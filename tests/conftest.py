@@ -27,3 +27,25 @@ def smollm2_dir(tmp_path_factory):
     subprocess.run([sys.executable, str(SMOLLM2_CONVERTER), str(out)], check=True, cwd=REPO_ROOT,
                    capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The embedded default model (2 blocks, seeded), written once per session by `qwen_model.create_tiny`."""
+    from qwen_model.create_tiny import create_tiny
+
+    return create_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from qwen_model.modeling_qwen import QWenLMHeadModel
+
+    return QWenLMHeadModel.from_pretrained(tiny_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(tiny_dir):
+    from qwen_model.tokenization_qwen import QWenTokenizer
+
+    return QWenTokenizer.from_pretrained(tiny_dir)
