@@ -160,14 +160,14 @@ def main(argv=None) -> int:
     from qwen_model.modeling_qwen import QWenLMHeadModel
 
     try:
+        text = data_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        return _fail(f"{data_file} is not UTF-8 text: {error}")
+    try:
         tokenizer = load_tokenizer(str(model_dir))
         model = QWenLMHeadModel.from_pretrained(str(model_dir)).to(device)
     except (OSError, ValueError) as error:
         return _fail(f"cannot load model from {model_dir}: {error}")
-    try:
-        text = data_file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        return _fail(f"{data_file} is not UTF-8 text: {error}")
     ids = encode_text(tokenizer, text)
     try:
         ppl = perplexity(model, ids, ctx=args.ctx, n_windows=args.windows, device=device)

@@ -138,9 +138,11 @@ def test_cli_missing_model_dir_exits_2_without_traceback(tmp_path):
     ("missing.raw", [], "data file not found"),
     ("text.raw", ["--ctx", "1"], "--ctx must be"),
     ("text.raw", ["--windows", "0"], "--windows must be"),
+    ("binary.raw", [], "is not UTF-8 text"),
 ])
 def test_cli_bad_input(tmp_path, capsys, data_name, extra, message):
     (tmp_path / "text.raw").write_text("some text")
+    (tmp_path / "binary.raw").write_bytes(b"\xff\xfe\x00text")
     assert main(["--model", str(tmp_path), "--data", str(tmp_path / data_name)] + extra) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
