@@ -35,7 +35,8 @@ def encode_text(tokenizer, text: str) -> list[int]:
         # Qwen's tokenizer NFC-normalizes before BPE; doing the same keeps ids identical to its own encode.
         return encoding.encode(unicodedata.normalize("NFC", text), allowed_special=set(), disallowed_special=())
     if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        # verbose=False: a corpus longer than model_max_length is expected here, callers cut it into windows.
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"])
     raise _unsupported(tokenizer)
 
 
