@@ -41,3 +41,46 @@ def replace_dir_atomically(tmp_dir, out_dir) -> None:
     os.replace(tmp_dir, out_dir)
     if old is not None:
         shutil.rmtree(old)
+
+
+class LazyCheckpoint:
+    """Tensors of a safetensors checkpoint directory (single file or sharded with an index), read one at a time."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (path / "model.safetensors").exists():
+            weight_map = None
+        else:
+            bins = sorted(p.name for p in path.glob("*.bin"))
+            hint = f" (found {bins[0]}: convert it to safetensors; pickle files are not loaded)" if bins else ""
+            raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json{hint}")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self._handles = {}
+        self._where = {}
+        for name in files:
+            handle = safe_open(str(path / name), framework="pt")
+            self._handles[name] = handle
+            for key in handle.keys():
+                self._where[key] = name
+
+    def keys(self):
+        return list(self._where)
+
+    def __contains__(self, name):
+        return name in self._where
+
+    def get(self, name, device="cpu"):
+        if name not in self._where:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint")
+        return self._handles[self._where[name]].get_tensor(name).to(device)
+
+    def state_dict(self, prefix: str, device="cpu") -> dict:
+        """All tensors under `prefix`, with the prefix removed from their names."""
+        return {k[len(prefix):]: self.get(k, device) for k in self._where if k.startswith(prefix)}

@@ -7,6 +7,7 @@ per-layer entry is `((q_key, key_scale, key_zero), (q_value, value_scale, value_
 import copy
 import logging
 import math
+import os
 import queue
 import threading
 
@@ -291,6 +292,28 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         dtype = _default_dtype(config)
         if config.bf16 or config.fp16 or torch.get_default_dtype() == torch.float32:
             self.to(dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, gptq_backend: str = "qwen", **kwargs):
+        """Load a float checkpoint, or a GPTQ one (`quantization_config.quant_method == "gptq"`) with our QuantLinear.
+
+        `gptq_backend="hf"` hands GPTQ checkpoints to transformers' own integration (optimum + gptqmodel) instead.
+        """
+        if gptq_backend not in ("qwen", "hf"):
+            raise ValueError(f"gptq_backend must be 'qwen' or 'hf', got {gptq_backend!r}")
+        path = str(pretrained_model_name_or_path)
+        if gptq_backend == "qwen" and os.path.isdir(path):
+            config = kwargs.get("config")
+            if not isinstance(config, QWenConfig):
+                config, _ = cls.config_class.from_pretrained(path, return_unused_kwargs=True, **{
+                    k: v for k, v in kwargs.items() if k not in ("config", "device_map", "dtype", "torch_dtype",
+                                                                 "trust_remote_code", "output_loading_info")})
+            if getattr(config, "quantization_config", None) is not None:
+                from quantize.gptq_checkpoint import load_quantized
+
+                device = kwargs.get("device_map")
+                return load_quantized(cls, path, config, device=device if isinstance(device, str) else None)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def get_input_embeddings(self):
         return self.transformer.wte

@@ -1,0 +1,133 @@
+"""Command line shared by `python -m quantize.gptq_int4` and `python -m quantize.gptq_int8`."""
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TINY = "tiny"
+
+
+def build_parser(bits: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m quantize.gptq_int{bits}",
+        description=f"Quantize a Qwen (v1) checkpoint to a {bits}-bit GPTQ checkpoint (safetensors, standard GPTQ "
+                    "layout) that qwen_model, transformers + optimum/GPTQModel and vLLM load.")
+    p.add_argument("--model", required=True,
+                   help=f"float checkpoint: a local directory, a Hugging Face hub id (needs network), or '{TINY}' "
+                        "for the embedded seeded tiny model")
+    p.add_argument("--out", "--out_path", dest="out", required=True, help="output directory (written atomically)")
+    p.add_argument("--calib", "--data_path", dest="calib", default=None,
+                   help="calibration data: Qwen conversation JSON, .txt, .jsonl with 'text', a JSON list of token-id "
+                        "lists, or a datasets dir/name (default: the bundled conversation set)")
+    p.add_argument("--nsamples", type=int, default=128, help="number of calibration samples (default 128)")
+    p.add_argument("--seqlen", "--max_len", dest="seqlen", type=int, default=8192,
+                   help="maximum tokens per calibration sample (default 8192, the Qwen recipe)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="input columns per quantization group; -1 for one group per row (default 128)")
+    p.add_argument("--desc-act", action="store_true",
+                   help="act-order: quantize columns by decreasing Hessian diagonal (g_idx becomes non-contiguous)")
+    p.add_argument("--static-groups", action="store_true",
+                   help="with --desc-act: compute every group's scale/zero up front, in the original column order")
+    p.add_argument("--no-group-aware", action="store_true",
+                   help="plain column order instead of the default group-aware reordering (which keeps g_idx "
+                        "contiguous, so the checkpoint stays desc_act=false)")
+    p.add_argument("--no-sym", action="store_true",
+                   help="asymmetric quantization (zero points stored in the gptq_v2 convention)")
+    p.add_argument("--no-true-sequential", action="store_true",
+                   help="quantize all layers of a block from one calibration pass instead of in sequence")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="dampening added to the Hessian diagonal, as a fraction of its mean (default 0.01)")
+    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
+                   help="gptq (default) or round-to-nearest, the baseline without calibration")
+    p.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda:0 (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="calibration samples per forward pass (default: about 4096 tokens per batch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default 0)")
+    p.add_argument("--eval", nargs="?", const="default", default=None, metavar="TEXT_FILE",
+                   help="print perplexity before and after quantization on held-out text (default: the bundled "
+                        "held-out text)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return p
+
+
+def resolve_model(name: str, workdir: Path) -> Path:
+    """A local directory for `--model`: as given, the embedded tiny model, or a hub download."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name == TINY:
+        from qwen_model.create_tiny import create_tiny
+
+        return create_tiny(workdir / "tiny")
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"model directory not found: {name}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.tiktoken", "*.py"]))
+    except Exception as e:
+        raise FileNotFoundError(f"cannot fetch {name!r} from the Hugging Face hub ({type(e).__name__}); pass a local "
+                                "checkpoint directory") from None
+
+
+def _eval_ids(model_dir, eval_arg):
+    import calib_data
+    from qwen_model.tokenization_qwen import load_tokenizer
+
+    default = Path(calib_data.__file__).with_name("heldout_eval.txt")
+    path = default if eval_arg == "default" else Path(eval_arg)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation text not found: {path}")
+    tok = load_tokenizer(model_dir)
+    text = path.read_text(encoding="utf-8")
+    ids = tok.encode_plain(text) if hasattr(tok, "encode_plain") else tok(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _perplexity(model_dir, ids, device):
+    import torch
+
+    from qwen_model.modeling_qwen import QWenLMHeadModel
+    from quantize.evaluate import perplexity
+
+    model = QWenLMHeadModel.from_pretrained(model_dir).to(device)
+    ctx = min(512, len(ids) // 2)
+    with torch.no_grad():
+        return perplexity(model, ids, ctx=ctx, n_windows=max(1, min(8, len(ids) // ctx)), progress=False)
+
+
+def main(bits: int, argv=None) -> int:
+    args = build_parser(bits).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from quantize.quantize_model import QuantizeSettings, quantize_checkpoint
+
+    settings = QuantizeSettings(bits=bits, group_size=args.group_size, damp_percent=args.damp,
+                                desc_act=args.desc_act, static_groups=args.static_groups, sym=not args.no_sym,
+                                true_sequential=not args.no_true_sequential,
+                                act_group_aware=not args.no_group_aware, method=args.method)
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            model_dir = resolve_model(args.model, Path(work))
+            if args.eval:
+                ids = _eval_ids(model_dir, args.eval)
+                before = _perplexity(model_dir, ids, args.device or "cpu")
+            out = quantize_checkpoint(model_dir, args.out, settings, calib=args.calib, nsamples=args.nsamples,
+                                      seqlen=args.seqlen, seed=args.seed, device=args.device,
+                                      batch_size=args.batch_size, overwrite=args.overwrite,
+                                      model_name=args.model)
+            if args.eval:
+                after = _perplexity(out, ids, args.device or "cpu")
+                print(f"perplexity before {before:.4f}  after {after:.4f}  ({(after / before - 1) * 100:+.2f}%)")
+    except KeyboardInterrupt:
+        print("error: interrupted; no checkpoint was written", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    print(f"wrote {bits}-bit GPTQ checkpoint to {out}")
+    return 0

@@ -1,0 +1,133 @@
+"""GPTQ checkpoint directories: writing them atomically, and loading them into a Qwen model with QuantLinear layers.
+
+Layout (what transformers + optimum, GPTQModel/AutoGPTQ and vLLM read): one safetensors shard per decoder block plus
+one for the rest, `model.safetensors.index.json`, `quantize_config.json`, `quantization_config` inside
+`config.json`, the tokenizer files and our model code (so `trust_remote_code=True` works).
+"""
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from qwen_model.checkpoint import LazyCheckpoint, replace_dir_atomically, write_remote_code
+
+from .quant_linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
+TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "vocab.json", "merges.txt")
+
+
+def is_checkpoint_dir(path) -> bool:
+    path = Path(path)
+    return (path / "config.json").exists() or any(path.glob("*.safetensors"))
+
+
+class CheckpointWriter:
+    """Writes a GPTQ checkpoint into a temporary sibling of `out_dir`, renamed into place by `finish()`."""
+
+    def __init__(self, out_dir, num_shards: int, overwrite: bool = False):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise FileExistsError(f"output path {self.out_dir} exists and is not a directory")
+        if self.out_dir.is_dir() and any(self.out_dir.iterdir()) and not overwrite:
+            what = "a checkpoint" if is_checkpoint_dir(self.out_dir) else "files"
+            raise FileExistsError(f"output directory {self.out_dir} already holds {what}; pass --overwrite to "
+                                  "replace it")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self.tmp.chmod(0o755)
+        self.num_shards = num_shards
+        self.weight_map = {}
+        self.total_size = 0
+        self._next = 1
+
+    def write_shard(self, tensors: dict) -> None:
+        """Save one shard (tensors made contiguous and owned) and record its names in the index."""
+        name = f"model-{self._next:05d}-of-{self.num_shards:05d}.safetensors"
+        self._next += 1
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(self.tmp / name), metadata={"format": "pt"})
+        for key, tensor in tensors.items():
+            self.weight_map[key] = name
+            self.total_size += tensor.numel() * tensor.element_size()
+
+    def finish(self, source_dir, config: dict, quantize_config: dict) -> Path:
+        """Write index, configs, tokenizer files and model code, then move the directory into place."""
+        if self._next - 1 != self.num_shards:
+            raise RuntimeError(f"wrote {self._next - 1} shards, expected {self.num_shards}")
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (self.tmp / "quantize_config.json").write_text(json.dumps(quantize_config, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (Path(source_dir) / name).exists():
+                shutil.copyfile(Path(source_dir) / name, self.tmp / name)
+        write_remote_code(self.tmp)
+        replace_dir_atomically(self.tmp, self.out_dir)
+        return self.out_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def gptq_settings(config) -> dict | None:
+    """The `quantization_config` of a GPTQ checkpoint's config, or None for a float checkpoint."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "gptq":
+        raise ValueError(f"unsupported quantization method {qc.get('quant_method')!r} (this toolkit reads gptq)")
+    return qc
+
+
+def replace_linears(model: nn.Module, qc: dict) -> None:
+    """Swap every quantized nn.Linear of the decoder blocks for an empty QuantLinear of the same shape."""
+    fmt = qc.get("checkpoint_format", "gptq")
+    for block in model.transformer.h:
+        for name in BLOCK_LINEARS:
+            parent_name, attr = name.rsplit(".", 1)
+            parent = block.get_submodule(parent_name)
+            linear = getattr(parent, attr)
+            layer = QuantLinear(qc["bits"], qc["group_size"], linear.in_features, linear.out_features,
+                                linear.bias is not None, checkpoint_format=fmt)
+            setattr(parent, attr, layer)
+
+
+def load_quantized(model_cls, path, config, device=None):
+    """Build `model_cls(config)` with QuantLinear layers and load a GPTQ checkpoint into it, strictly."""
+    qc = gptq_settings(config)
+    with torch.device("meta"):
+        model = model_cls(config)
+    replace_linears(model, qc)
+    model.to_empty(device=device or "cpu")
+    reader = LazyCheckpoint(path)
+    state = {k: reader.get(k) for k in reader.keys()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match a {qc['bits']}-bit GPTQ Qwen model "
+                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    gen_config = Path(path) / "generation_config.json"
+    if gen_config.exists():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    logger.info("loaded %d-bit GPTQ checkpoint %s", qc["bits"], path)
+    return model.eval()
+
+
+def output_config(source_config, quantize_config: dict) -> dict:
+    """config.json of the quantized model: the source's fields plus `quantization_config`."""
+    config = source_config.to_dict()
+    config.pop("_name_or_path", None)
+    config["quantization_config"] = {**quantize_config, "quant_method": "gptq"}
+    return config
+
