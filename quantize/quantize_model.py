@@ -135,12 +135,12 @@ def _run_block(block, inputs, device, dtype, hooks_stop=False):
 
 
 def _hessians(block, names, inputs, device, dtype):
-    """Hessian of each layer in `names` over all calibration inputs, stopping each forward after the last one."""
+    """Hessian of each layer in `names` over all calibration inputs; each forward stops before the last one runs."""
     H, n, handles, seen = {}, {}, [], set()
     own = [name for name in names if SHARED_INPUT.get(name) not in names]
 
     def hook_for(name):
-        def hook(module, inp, out):
+        def hook(module, inp):
             if not torch.isfinite(inp[0]).all():
                 raise ValueError(f"non-finite activations reach {name}; the model or calibration data is broken")
             H[name], n[name] = accumulate_hessian(H.get(name), n.get(name, 0), inp[0])
@@ -151,20 +151,20 @@ def _hessians(block, names, inputs, device, dtype):
         return hook
 
     for name in own:
-        handles.append(block.get_submodule(name).register_forward_hook(hook_for(name)))
+        handles.append(block.get_submodule(name).register_forward_pre_hook(hook_for(name)))
     try:
         with torch.no_grad():
             _run_block(block, inputs, device, dtype, hooks_stop=True)
     finally:
         for h in handles:
             h.remove()
-    return {name: H[SHARED_INPUT.get(name) if name not in own else name] for name in names}
+    return {name: H[name if name in own else SHARED_INPUT[name]] for name in names}
 
 
 def _quantize_layer(linear, H, s: QuantizeSettings):
     W = linear.weight.data.float()
     if s.method == "rtn":
-        return rtn_quantize(W, s.bits, s.group_size, s.sym)
+        return rtn_quantize(W, s.bits, s.group_size, s.sym, fp16_scales=True)
     return gptq_quantize(W, H, s.bits, s.group_size, sym=s.sym, damp_percent=s.damp_percent,
                          desc_act=s.desc_act, static_groups=s.static_groups, act_group_aware=s.act_group_aware)
 

@@ -75,7 +75,8 @@ def test_refuses_existing_checkpoint_unless_overwrite(quantized, tiny_dir):
     before = sorted(p.name for p in out.iterdir())
     r = run_cli(bits, "--model", tiny_dir, "--out", out, *FAST)
     assert r.returncode != 0 and "already holds a checkpoint" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in r.stderr
     assert sorted(p.name for p in out.iterdir()) == before
 
 

@@ -1,0 +1,94 @@
+"""WikiText-2 perplexity of SmolLM2-135M (Qwen v1 layout) quantized by our GPTQ and by round-to-nearest.
+
+Protocol of ../shared/data/PEER_RESULTS.md: calibration = the 128 x 512 C4 token ids of
+calib_c4_smollm2_128x512.json; perplexity = wiki.test.raw, ctx 512, first 16 windows, NLL summed in float64.
+The peer's figures (GPTQModel 7.6.0, same samples, same protocol) are quoted from that file; our RTN column
+reproduces its RTN column in this harness first.
+
+    python benchmarks/gptq_quality.py [--model DIR] [--settings int8-g128 int4-g128 int4-g64 int3-g64]
+"""
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+from qwen_model.modeling_qwen import QWenLMHeadModel  # noqa: E402
+from qwen_model.tokenization_qwen import load_tokenizer  # noqa: E402
+from quantize.evaluate import perplexity  # noqa: E402
+from quantize.quantize_model import QuantizeSettings, quantize_checkpoint  # noqa: E402
+
+SETTINGS = {"int8-g128": (8, 128), "int4-g128": (4, 128), "int4-g64": (4, 64), "int3-g64": (3, 64)}
+# ../shared/data/PEER_RESULTS.md: (RTN, GPTQModel defaults, GPTQModel wall time in s)
+PEER = {"int8-g128": (36.246, 36.107, 514), "int4-g128": (55.626, 53.458, 548), "int4-g64": (52.553, 49.303, 540),
+        "int3-g64": (248.265, 103.976, 546)}
+FLOAT_PPL = 36.003
+
+
+def wiki_ids(model_dir):
+    text = (SHARED / "data" / "wiki.test.raw").read_text(encoding="utf-8")
+    tok = load_tokenizer(model_dir)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def ppl(model_dir, ids):
+    model = QWenLMHeadModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return perplexity(model, ids, ctx=512, n_windows=16, progress=False)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="SmolLM2 in Qwen layout (default: convert it into a temp dir)")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--no-group-aware", action="store_true")
+    p.add_argument("--skip-rtn", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as work:
+        model_dir = Path(args.model) if args.model else Path(work) / "smollm2"
+        if not args.model:
+            subprocess.run([sys.executable, str(SHARED / "tools" / "smollm2_to_qwen.py"), str(model_dir)],
+                           check=True, capture_output=True)
+        ids = wiki_ids(model_dir)
+        base = ppl(model_dir, ids)
+        print(f"float32: {base:.3f} (PEER_RESULTS: {FLOAT_PPL})", flush=True)
+        rows = []
+        for name in args.settings:
+            bits, gs = SETTINGS[name]
+            row = {"setting": name}
+            for method in ("rtn", "gptq"):
+                if method == "rtn" and args.skip_rtn:
+                    row["rtn"], row["rtn_s"] = float("nan"), 0.0
+                    continue
+                out = Path(work) / f"{name}-{method}"
+                settings = QuantizeSettings(bits=bits, group_size=gs, damp_percent=args.damp, method=method,
+                                            act_group_aware=not args.no_group_aware)
+                t0 = time.time()
+                quantize_checkpoint(model_dir, out, settings, calib=str(SHARED / "data" /
+                                                                        "calib_c4_smollm2_128x512.json"),
+                                    nsamples=128, seqlen=512, device="cpu")
+                row[f"{method}_s"] = time.time() - t0
+                row[method] = ppl(out, ids)
+                print(f"{name} {method}: ppl {row[method]:.3f} in {row[f'{method}_s']:.0f}s", flush=True)
+            rows.append(row)
+    print(f"\nfloat32 baseline (16 windows): {base:.3f}\n")
+    print("| setting | RTN (ours) | RTN (peer file) | GPTQ (ours, defaults) | GPTQModel (peer file) | ours vs peer "
+          "| our wall time | peer wall time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peer_rtn, peer_gptq, peer_s = PEER[r["setting"]]
+        print(f"| {r['setting']} | {r['rtn']:.3f} | {peer_rtn:.3f} | {r['gptq']:.3f} | {peer_gptq:.3f} | "
+              f"{(r['gptq'] / peer_gptq - 1) * 100:+.2f}% | {r['gptq_s']:.0f} s | {peer_s} s |")
+
+
+if __name__ == "__main__":
+    main()
