@@ -181,7 +181,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     g_idx[perm] = group_of_position.to(torch.int32)
 
     Wt = W.t()[perm].to(torch.float32).contiguous()  # [in, out]: permuted columns as contiguous rows
-    Wt[dead[perm]] = 0
+    if bool(dead.any()):
+        Wt[dead[perm]] = 0
     scales = torch.zeros(n_groups, out_features, dtype=torch.float32, device=device)
     zeros = torch.zeros(n_groups, out_features, dtype=torch.float32, device=device)
     if static_groups:
