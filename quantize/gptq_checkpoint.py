@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -54,7 +55,10 @@ class CheckpointWriter:
         name = f"model-{self._next:05d}-of-{self.num_shards:05d}.safetensors"
         self._next += 1
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(self.tmp / name), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(self.tmp / name), metadata={"format": "pt"})
+        except SafetensorError as e:  # the Rust writer's I/O errors (disk full, quota) are not OSErrors
+            raise OSError(f"cannot write {self.tmp / name}: {e}") from None
         for key, tensor in tensors.items():
             self.weight_map[key] = name
             self.total_size += tensor.numel() * tensor.element_size()

@@ -125,3 +125,40 @@ def test_help_explains_flags():
     for flag in ("--model", "--out", "--calib", "--nsamples", "--seqlen", "--group-size", "--desc-act",
                  "--static-groups", "--no-sym", "--damp", "--device", "--seed", "--eval", "--overwrite"):
         assert flag in r.stdout
+
+
+def test_overwrite_replaces_checkpoint(quantized, tiny_dir):
+    bits, out = quantized
+    stamp = out / "config.json"
+    before = stamp.stat().st_mtime_ns
+    r = run_cli(bits, "--model", tiny_dir, "--out", out, "--group-size", 32, "--overwrite", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert stamp.stat().st_mtime_ns != before and f"wrote {bits}-bit GPTQ checkpoint" in r.stdout
+
+
+def test_disk_full_leaves_no_partial_checkpoint(tiny_dir, tmp_path):
+    """A file-size limit makes the big final shard fail mid-write, as a full disk would."""
+    import resource
+    import signal
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "quantize.gptq_int4", "--model", str(tiny_dir), "--out", str(out),
+                        *FAST], capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_nested_block_inputs_move_to_the_compute_device():
+    """Rotary (cos, sin) arrive as a tuple/list: every tensor inside must move with the hidden states."""
+    from quantize.quantize_model import _to
+
+    args = (torch.ones(2, dtype=torch.float64), [torch.zeros(1), (torch.ones(1), None)], {"m": torch.ones(3)}, 5)
+    moved = _to(args, "meta", torch.float16)
+    assert moved[0].device.type == "meta" and moved[0].dtype == torch.float16
+    assert moved[1][0].device.type == "meta" and moved[1][1][0].device.type == "meta" and moved[1][1][1] is None
+    assert isinstance(moved[1], list) and moved[2]["m"].device.type == "meta" and moved[3] == 5
