@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
+from calib_data.tokenization import encode_text  # noqa: E402
 from qwen_model.modeling_qwen import QWenLMHeadModel  # noqa: E402
 from qwen_model.tokenization_qwen import load_tokenizer  # noqa: E402
 from quantize.evaluate import perplexity  # noqa: E402
@@ -34,8 +35,7 @@ FLOAT_PPL = 36.003
 
 def wiki_ids(model_dir):
     text = (SHARED / "data" / "wiki.test.raw").read_text(encoding="utf-8")
-    tok = load_tokenizer(model_dir)
-    return tok(text, add_special_tokens=False)["input_ids"]
+    return encode_text(load_tokenizer(model_dir), text)
 
 
 def ppl(model_dir, ids):

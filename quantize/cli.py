@@ -76,16 +76,14 @@ def resolve_model(name: str, workdir: Path) -> Path:
 
 def _eval_ids(model_dir, eval_arg):
     import calib_data
+    from calib_data.tokenization import encode_text
     from qwen_model.tokenization_qwen import load_tokenizer
 
     default = Path(calib_data.__file__).with_name("heldout_eval.txt")
     path = default if eval_arg == "default" else Path(eval_arg)
     if not path.is_file():
         raise FileNotFoundError(f"evaluation text not found: {path}")
-    tok = load_tokenizer(model_dir)
-    text = path.read_text(encoding="utf-8")
-    ids = tok.encode_plain(text) if hasattr(tok, "encode_plain") else tok(text, add_special_tokens=False)["input_ids"]
-    return ids
+    return encode_text(load_tokenizer(model_dir), path.read_text(encoding="utf-8"))
 
 
 def _perplexity(model_dir, ids, device):

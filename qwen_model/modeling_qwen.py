@@ -14,6 +14,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.streamers import BaseStreamer
@@ -88,6 +89,10 @@ class QWenAttention(nn.Module):
         self.c_proj = nn.Linear(self.projection_size, config.hidden_size, bias=not config.no_bias)
         self.attn_dropout = nn.Dropout(config.attn_dropout_prob)
         self.config = config
+        # use_flash_attn: false = plain (math) attention, as the original's non-flash path; true/"auto" = PyTorch's
+        # fused kernels (FlashAttention-2 / memory-efficient on CUDA, the flash kernel on CPU).
+        self.sdpa_backends = [SDPBackend.MATH] if config.use_flash_attn is False else \
+            [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 
     def forward(self, hidden_states, rotary_pos_emb, attention_mask=None, cache=None, logn_scale=None):
         b, s, _ = hidden_states.shape
@@ -114,10 +119,12 @@ class QWenAttention(nn.Module):
             out = quantized_attention(query, layer_past, attention_mask, scale, backend=backend)
         else:
             k, v = layer_past
-            out = F.scaled_dot_product_attention(
-                query, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and s > 1 and k.shape[2] == s,
-                dropout_p=self.attn_dropout.p if self.training else 0.0, scale=scale,
-            )
+            with sdpa_kernel(self.sdpa_backends):
+                out = F.scaled_dot_product_attention(
+                    query, k, v, attn_mask=attention_mask,
+                    is_causal=attention_mask is None and s > 1 and k.shape[2] == s,
+                    dropout_p=self.attn_dropout.p if self.training else 0.0, scale=scale,
+                )
         out = out.transpose(1, 2).reshape(b, s, self.projection_size)
         return self.c_proj(out)
 
