@@ -4,6 +4,10 @@ Each layer keeps ``q_key, key_scale, key_zero, q_value, value_scale, value_zero`
 ``kvcache.quantize_cache``); ``update`` quantizes only the new tokens and appends them along the sequence axis, and
 returns the whole quantized layer as ``((q_key, key_scale, key_zero), (q_value, value_scale, value_zero))``, which is
 what ``kvcache.quantized_attention`` consumes.
+
+Scales and zero points have the dtype of the incoming states, unless ``storage_dtype`` (float16 or bfloat16) is
+given: then states are cast to it before quantization, so a float32 model can keep 2-byte scales and zero points
+(int8: 68 instead of 72 bytes per 64-value row) while the stored values still round-trip within half a step.
 """
 from functools import partial
 
@@ -15,7 +19,12 @@ from kvcache.quantize_cache import GRANULARITIES, quantize_cache_v
 _STATE_NAMES = ("q_key", "key_scale", "key_zero", "q_value", "value_scale", "value_zero")
 
 
-def _validate(bits: int, granularity: str) -> None:
+STORAGE_DTYPES = (None, torch.float16, torch.bfloat16)
+
+
+def _validate(bits: int, granularity: str, storage_dtype=None) -> None:
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be None, torch.float16 or torch.bfloat16, got {storage_dtype!r}")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if granularity not in GRANULARITIES:
@@ -27,11 +36,12 @@ def _validate(bits: int, granularity: str) -> None:
 class QuantizedKVLayer(DynamicLayer):
     """One attention layer's quantized cache, grown by concatenation along the sequence axis."""
 
-    def __init__(self, bits: int = 8, granularity: str = "token"):
+    def __init__(self, bits: int = 8, granularity: str = "token", storage_dtype=None):
         super().__init__()
-        _validate(bits, granularity)
+        _validate(bits, granularity, storage_dtype)
         self.bits = bits
         self.granularity = granularity
+        self.storage_dtype = storage_dtype
         self.qmax = 2**bits - 1
         self.qmin = 0
         # Token granularity quantizes every position on its own, so dropping positions restores an earlier state
@@ -56,6 +66,8 @@ class QuantizedKVLayer(DynamicLayer):
         self.is_initialized = True
 
     def _quantize(self, states: torch.Tensor):
+        if self.storage_dtype is not None:
+            states = states.to(self.storage_dtype)
         if self.granularity == "chunk":
             qmax = torch.tensor(self.qmax, dtype=torch.float32, device=states.device)
             qmin = torch.tensor(self.qmin, dtype=torch.float32, device=states.device)
@@ -118,11 +130,12 @@ class QuantizedKVLayer(DynamicLayer):
 class QuantizedKVCache(Cache):
     """Cache of ``QuantizedKVLayer``; layers are created lazily, or up front from ``config.num_hidden_layers``."""
 
-    def __init__(self, bits: int = 8, granularity: str = "token", config=None):
-        _validate(bits, granularity)
-        make_layer = partial(QuantizedKVLayer, bits=bits, granularity=granularity)
+    def __init__(self, bits: int = 8, granularity: str = "token", config=None, storage_dtype=None):
+        _validate(bits, granularity, storage_dtype)
+        make_layer = partial(QuantizedKVLayer, bits=bits, granularity=granularity, storage_dtype=storage_dtype)
         self.bits = bits
         self.granularity = granularity
+        self.storage_dtype = storage_dtype
         num_layers = getattr(config, "num_hidden_layers", None) if config is not None else None
         if num_layers is not None:
             super().__init__(layers=[make_layer() for _ in range(num_layers)])

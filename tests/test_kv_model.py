@@ -217,3 +217,34 @@ def test_gptq_int4_checkpoint_with_quantized_cache(gptq_dir, qwen_tokenizer, pro
     assert relative_error(step, full) <= 0.04  # measured 0.017
     response, history = model.chat(qwen_tokenizer, "你好", history=[("hi", "hello")], max_new_tokens=6)
     assert isinstance(response, str) and history == [("hi", "hello"), ("你好", response)]
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_half_precision_scales_on_a_float32_model(tiny_dir, tiny_model, prompt_ids, bits):
+    """storage_dtype=float16: 2-byte scales/zeros (exact byte count), same accuracy as float32 scales."""
+    from kvcache.quantized_cache import cache_nbytes
+
+    model = load(tiny_dir, use_cache_quantization=True, cache_bits=bits)
+    half, full_scales = QuantizedKVCache(bits=bits, storage_dtype=torch.float16), QuantizedKVCache(bits=bits)
+    ids = torch.cat([prompt_ids, torch.tensor([[1000]])], dim=1)
+    model(ids[:, :-1], cache=half)
+    model(ids[:, :-1], cache=full_scales)
+    half_logits = model(ids[:, -1:], cache=half).logits[:, -1]
+    full_scale_logits = model(ids[:, -1:], cache=full_scales).logits[:, -1]
+    layer = half.layers[0]
+    assert layer.q_key.dtype == torch.uint8 and layer.key_scale.dtype == layer.value_zero.dtype == torch.float16
+    heads, head_dim, seq = 4, 16, ids.shape[1]
+    assert cache_nbytes(half) == 2 * 2 * heads * seq * (head_dim * bits // 8 + 2 + 2)  # layers x (K, V) x rows
+    assert cache_nbytes(full_scales) == 2 * 2 * heads * seq * (head_dim * bits // 8 + 4 + 4)
+    # Layer 0 stores the float model's keys within half a step (plus the fp16 rounding of the input).
+    ref_key = float_cache_of(tiny_model, ids)[0][0]
+    key = dequantize_cache_torch(layer.q_key, layer.key_scale, layer.key_zero, bits=bits).float()
+    assert (key - ref_key).abs().le(layer.key_scale.float() / 2 + ref_key.abs() * 2**-11 + 1e-6).all()
+    reference = tiny_model(ids).logits[:, -1]
+    assert relative_error(half_logits, reference) <= (0.03 if bits == 8 else 0.25)
+    assert relative_error(half_logits, full_scale_logits) <= (0.01 if bits == 8 else 0.05)
+
+
+def test_bad_storage_dtype_is_rejected():
+    with pytest.raises(ValueError, match="storage_dtype"):
+        QuantizedKVCache(bits=8, storage_dtype=torch.float32)
