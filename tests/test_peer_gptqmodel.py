@@ -11,6 +11,7 @@ Skipped unless gptqmodel and optimum are installed (pip install gptqmodel==7.6.0
 """
 import contextlib
 import json
+import logging
 import os
 
 import pytest
@@ -18,7 +19,10 @@ import torch
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 pytest.importorskip("optimum")
+_ROOT = logging.getLogger()
+_ROOT_BEFORE, _ROOT_LEVEL = set(_ROOT.handlers), _ROOT.level
 gptqmodel = pytest.importorskip("gptqmodel")
+_GPTQMODEL_HANDLERS = [h for h in _ROOT.handlers if h not in _ROOT_BEFORE]
 
 from transformers import AutoModelForCausalLM, GPTQConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -44,6 +48,23 @@ VARIANTS = {  # name: (bits, extra CLI flags)
     "int4-asym-v2": (4, ["--no-sym"]),
     "int8": (8, []),
 }
+
+
+def _restore_root_logging():
+    """Importing gptqmodel adds a stderr handler to the root logger and sets it to INFO; undo that for the rest of
+    the test session."""
+    for handler in _GPTQMODEL_HANDLERS:
+        _ROOT.removeHandler(handler)
+    _ROOT.setLevel(_ROOT_LEVEL)
+
+
+_restore_root_logging()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_untouched():
+    yield
+    _restore_root_logging()
 
 
 @contextlib.contextmanager
