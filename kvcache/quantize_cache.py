@@ -133,9 +133,11 @@ def quantize_cache_v(fdata, bits, qmax, qmin, granularity="token"):
 
 
 def dequantize_cache_torch(qdata, scale, zero, bits=8):
-    """Returns ``scale * (qdata - zero)`` in scale's dtype, unpacking 4-bit data first."""
+    """Returns ``scale * (qdata - zero)`` in scale's dtype, unpacking 4-bit data first.
+
+    The product is taken in place, so dequantizing a layer holds one float copy of it rather than two."""
     if bits == 4:
         qdata = unpack_int4(qdata)
     elif bits != 8:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    return scale * (qdata - zero)
+    return (qdata - zero).mul_(scale)
