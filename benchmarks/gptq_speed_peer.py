@@ -6,6 +6,9 @@ weight, then one solve each (int4, group 128, sym, damp 0.01, group-aware column
 fed H directly (its calibration hooks are bypassed) and runs on the CPU in float32 like ours. Besides time, both
 results are scored with the GPTQ objective tr((W - Q) H (W - Q)^T) / out on the first rows, to show that the two
 solve the same problem equally well. Other processes share the CPU: compare the ratio, not absolute seconds.
+The peer inverts H with torch.cholesky_inverse, whose multi-threaded CPU path degrades badly when other processes
+compete for the cores (2048 x 2048 on a loaded 2-core machine: 0.7 s with 1 thread, 5.5 s with 2), so on a busy
+machine the peer's times inflate more than ours.
 
     pip install gptqmodel==7.6.0 torch==2.13.0        # the peer
     GPTQMODEL_CPU_WORKERS=2 python benchmarks/gptq_speed_peer.py --threads 2
