@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 CTX, CHUNK, WINDOWS = 1024, 128, 4
 PEER_PUBLISHED = {"peer-float": 23.237, "peer-quanto-int4": 23.417, "peer-hqq-int8": 23.290}
 ROWS = ("peer-float", "peer-quanto-int4", "peer-hqq-int8", "ours-int8-fp16", "ours-int4-fp16", "ours-int8", "ours-int4",
-        "ours-float", "sim-int4-own-float", "sim-int4-kivi-own-float", "ours-chunk-int8")
+        "ours-float", "sim-int4-own-float", "sim-int4-kivi-own-float", "sim-int4-minmax", "sim-int4-minmax-own-float",
+        "sim-int4-kivi-minmax-own-float", "ours-chunk-int8")
 PERPLEXITY_FREE = ("ours-int8", "ours-int4")  # same numbers as the -fp16 rows up to fp16 rounding: bytes only
 
 
@@ -130,30 +131,39 @@ def llama_from_qwen(model_dir: Path):
     return model.eval()
 
 
-def fake_quantize(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Asymmetric min/max quantize-then-dequantize along ``dim`` (range including 0, integer zero point)."""
+def fake_quantize(x: torch.Tensor, bits: int, dim: int, minmax: bool = False) -> torch.Tensor:
+    """Asymmetric quantize-then-dequantize along ``dim``.
+
+    Default: our token quantizer's rule (range widened to include 0, integer zero point). ``minmax``: the range is
+    exactly [min, max] with a float offset (as quanto's affine quantizer), so both extremes are representable."""
     qmax = 2**bits - 1
-    lo = x.amin(dim, keepdim=True).clamp(max=0)
-    hi = x.amax(dim, keepdim=True).clamp(min=0)
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    if minmax:
+        scale = ((hi - lo) / qmax).clamp(min=torch.finfo(x.dtype).tiny)
+        return torch.clamp(torch.round((x - lo) / scale), 0, qmax) * scale + lo
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = ((hi - lo) / qmax).clamp(min=torch.finfo(x.dtype).tiny)
     zero = torch.round(-lo / scale)
     return (torch.clamp(torch.round(x / scale + zero), 0, qmax) - zero) * scale
 
 
 class SimulatedCache(DynamicCache):
-    """Float cache of quantize-dequantize K/V; returns the current chunk's own K/V in float (as the peer does).
+    """Float cache of quantize-dequantize K/V (see ``fake_quantize``).
 
     ``key_dim=-1`` groups keys per token over head_dim (our layout); ``key_dim=-2`` per channel over the chunk
-    (KIVI). Values are always per token."""
+    (KIVI). Values are always per token. ``own_float``: the current chunk attends to its own K/V unrounded (as the
+    peer's cache does); otherwise to its quantized copy (as our model does)."""
 
-    def __init__(self, bits: int, key_dim: int):
+    def __init__(self, bits: int, key_dim: int, own_float: bool = True, minmax: bool = False):
         super().__init__()
-        self.bits, self.key_dim = bits, key_dim
+        self.bits, self.key_dim, self.own_float, self.minmax = bits, key_dim, own_float, minmax
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         n = key_states.shape[-2]
-        keys, values = super().update(fake_quantize(key_states, self.bits, self.key_dim),
-                                      fake_quantize(value_states, self.bits, -1), layer_idx)
+        keys, values = super().update(fake_quantize(key_states, self.bits, self.key_dim, self.minmax),
+                                      fake_quantize(value_states, self.bits, -1, self.minmax), layer_idx)
+        if not self.own_float:
+            return keys, values
         return (torch.cat([keys[..., :-n, :], key_states], dim=-2),
                 torch.cat([values[..., :-n, :], value_states], dim=-2))
 
@@ -194,6 +204,9 @@ def make_row(name: str, model_dir: Path, models: dict):
         "ours-chunk-int8": lambda: QuantizedKVCache(bits=8, granularity="chunk"),
         "sim-int4-own-float": lambda: SimulatedCache(4, key_dim=-1),
         "sim-int4-kivi-own-float": lambda: SimulatedCache(4, key_dim=-2),
+        "sim-int4-minmax": lambda: SimulatedCache(4, key_dim=-1, own_float=False, minmax=True),
+        "sim-int4-minmax-own-float": lambda: SimulatedCache(4, key_dim=-1, minmax=True),
+        "sim-int4-kivi-minmax-own-float": lambda: SimulatedCache(4, key_dim=-2, minmax=True),
     }
     return model, makers[name], kv_heads
 
