@@ -114,7 +114,7 @@ def load_quantized(model_cls, path, config, device=None):
     replace_linears(model, qc)
     model.to_empty(device=device or "cpu")
     reader = LazyCheckpoint(path)
-    state = {k: reader.get(k) for k in reader.keys()}
+    state = reader.read_all(reader.keys())
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match a {qc['bits']}-bit GPTQ Qwen model "

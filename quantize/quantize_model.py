@@ -217,7 +217,7 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
                 inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outs, inputs)]
             writer.write_shard(shard)
             del block
-        writer.write_shard({k: reader.get(k) for k in reader.keys() if not k.startswith("transformer.h.")})
+        writer.write_shard(reader.read_all(k for k in reader.keys() if not k.startswith("transformer.h.")))
         qcfg = quantize_config(settings.bits, settings.group_size, settings.damp_percent, settings.desc_act,
                                settings.static_groups, settings.sym, settings.true_sequential,
                                model_name_or_path=model_name or str(model_dir), model_file_base_name="model",

@@ -44,12 +44,16 @@ def replace_dir_atomically(tmp_dir, out_dir) -> None:
 
 
 class LazyCheckpoint:
-    """Tensors of a safetensors checkpoint directory (single file or sharded with an index), read one at a time."""
+    """Tensors of a safetensors checkpoint directory (single file or sharded with an index), read on demand.
+
+    No file stays open between reads: a mapping held for the whole run would keep every block read so far in the
+    process's resident memory (as file-backed pages).
+    """
 
     def __init__(self, path):
         from safetensors import safe_open
 
-        path = Path(path)
+        self.path = path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         index = path / "model.safetensors.index.json"
@@ -62,13 +66,11 @@ class LazyCheckpoint:
             hint = f" (found {bins[0]}: convert it to safetensors; pickle files are not loaded)" if bins else ""
             raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json{hint}")
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self._handles = {}
         self._where = {}
         for name in files:
-            handle = safe_open(str(path / name), framework="pt")
-            self._handles[name] = handle
-            for key in handle.keys():
-                self._where[key] = name
+            with safe_open(str(path / name), framework="pt") as handle:
+                for key in handle.keys():
+                    self._where[key] = name
 
     def keys(self):
         return list(self._where)
@@ -76,11 +78,28 @@ class LazyCheckpoint:
     def __contains__(self, name):
         return name in self._where
 
+    def _read(self, names, device):
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self._where]
+        if missing:
+            raise KeyError(f"tensor {missing[0]!r} is not in the checkpoint")
+        out = {}
+        for file in sorted({self._where[n] for n in names}):
+            with safe_open(str(self.path / file), framework="pt") as handle:
+                for n in names:
+                    if self._where[n] == file:
+                        out[n] = handle.get_tensor(n).to(device)
+        return out
+
     def get(self, name, device="cpu"):
-        if name not in self._where:
-            raise KeyError(f"tensor {name!r} is not in the checkpoint")
-        return self._handles[self._where[name]].get_tensor(name).to(device)
+        return self._read([name], device)[name]
 
     def state_dict(self, prefix: str, device="cpu") -> dict:
         """All tensors under `prefix`, with the prefix removed from their names."""
-        return {k[len(prefix):]: self.get(k, device) for k in self._where if k.startswith(prefix)}
+        names = [k for k in self._where if k.startswith(prefix)]
+        return {k[len(prefix):]: v for k, v in self._read(names, device).items()}
+
+    def read_all(self, names, device="cpu") -> dict:
+        """Several tensors at once, each file opened once."""
+        return self._read(list(names), device)

@@ -73,9 +73,6 @@ def test_peak_anonymous_memory_does_not_grow_with_blocks(runs):
                               f"({runs[FEW].peak_anon >> 20} -> {runs[MANY].peak_anon >> 20} MiB)")
 
 
-@pytest.mark.xfail(strict=True, reason="LazyCheckpoint keeps every safetensors file mapped for the whole run, so "
-                   "the pages of each block read stay in RSS (file-backed); fix: read with safe_open(..., "
-                   "backend='pread') or close the file after each block")
 def test_peak_rss_does_not_grow_with_blocks(runs):
     growth = runs[MANY].peak_rss - runs[FEW].peak_rss
     assert growth < ALLOWED, (f"peak RSS grew by {growth / BLOCK:.2f} blocks from {FEW} to {MANY} blocks "
