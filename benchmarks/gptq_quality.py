@@ -24,7 +24,9 @@ from calib_data.tokenization import encode_text  # noqa: E402
 from qwen_model.modeling_qwen import QWenLMHeadModel  # noqa: E402
 from qwen_model.tokenization_qwen import load_tokenizer  # noqa: E402
 from quantize.evaluate import perplexity  # noqa: E402
+from quantize.gptq_checkpoint import BLOCK_LINEARS  # noqa: E402
 from quantize.quantize_model import QuantizeSettings, quantize_checkpoint  # noqa: E402
+from quantize.quantizer import rtn_quantize  # noqa: E402
 
 SETTINGS = {"int8-g128": (8, 128), "int4-g128": (4, 128), "int4-g64": (4, 64), "int3-g64": (3, 64)}
 # ../shared/data/PEER_RESULTS.md: (RTN, GPTQModel defaults, GPTQModel wall time in s)
@@ -44,13 +46,26 @@ def ppl(model_dir, ids):
         return perplexity(model, ids, ctx=512, n_windows=16, progress=False)
 
 
+def rtn_fake_quant_ppl(model_dir, ids, bits, group_size):
+    """The peer file's RTN protocol: every block linear replaced in memory by its RTN weight (float32 scales)."""
+    model = QWenLMHeadModel.from_pretrained(model_dir).eval()
+    for block in model.transformer.h:
+        for name in BLOCK_LINEARS:
+            linear = block.get_submodule(name)
+            linear.weight.data = rtn_quantize(linear.weight.data, bits, group_size, sym=True).weight
+    with torch.no_grad():
+        return perplexity(model, ids, ctx=512, n_windows=16, progress=False)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="SmolLM2 in Qwen layout (default: convert it into a temp dir)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--no-group-aware", action="store_true")
-    p.add_argument("--skip-rtn", action="store_true")
+    p.add_argument("--skip-rtn", action="store_true", help="skip the in-memory RTN baseline")
+    p.add_argument("--rtn-checkpoint", action="store_true",
+                   help="also write an RTN checkpoint (float16 scales, as the format stores them) and score it")
     args = p.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as work:
@@ -65,29 +80,34 @@ def main():
         for name in args.settings:
             bits, gs = SETTINGS[name]
             row = {"setting": name}
-            for method in ("rtn", "gptq"):
-                if method == "rtn" and args.skip_rtn:
-                    row["rtn"], row["rtn_s"] = float("nan"), 0.0
-                    continue
+            if not args.skip_rtn:
+                row["rtn"] = rtn_fake_quant_ppl(model_dir, ids, bits, gs)
+                print(f"{name} rtn (in memory, fp32 scales): ppl {row['rtn']:.3f}", flush=True)
+            methods = ("gptq", "rtn") if args.rtn_checkpoint else ("gptq",)
+            for method in methods:
                 out = Path(work) / f"{name}-{method}"
                 settings = QuantizeSettings(bits=bits, group_size=gs, damp_percent=args.damp, method=method,
                                             act_group_aware=not args.no_group_aware)
                 t0 = time.time()
-                quantize_checkpoint(model_dir, out, settings, calib=str(SHARED / "data" /
-                                                                        "calib_c4_smollm2_128x512.json"),
+                quantize_checkpoint(model_dir, out, settings,
+                                    calib=str(SHARED / "data" / "calib_c4_smollm2_128x512.json"),
                                     nsamples=128, seqlen=512, device="cpu")
-                row[f"{method}_s"] = time.time() - t0
-                row[method] = ppl(out, ids)
-                print(f"{name} {method}: ppl {row[method]:.3f} in {row[f'{method}_s']:.0f}s", flush=True)
+                key = "gptq" if method == "gptq" else "rtn_ckpt"
+                row[f"{key}_s"] = time.time() - t0
+                row[key] = ppl(out, ids)
+                print(f"{name} {method} checkpoint: ppl {row[key]:.3f}, quantized in {row[f'{key}_s']:.0f}s",
+                      flush=True)
             rows.append(row)
     print(f"\nfloat32 baseline (16 windows): {base:.3f}\n")
-    print("| setting | RTN (ours) | RTN (peer file) | GPTQ (ours, defaults) | GPTQModel (peer file) | ours vs peer "
-          "| our wall time | peer wall time |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| setting | RTN, our harness | RTN, peer file | RTN checkpoint (fp16 scales) | GPTQ (ours, defaults) "
+          "| GPTQModel, peer file | ours vs peer | our wall time | peer wall time |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in rows:
         peer_rtn, peer_gptq, peer_s = PEER[r["setting"]]
-        print(f"| {r['setting']} | {r['rtn']:.3f} | {peer_rtn:.3f} | {r['gptq']:.3f} | {peer_gptq:.3f} | "
-              f"{(r['gptq'] / peer_gptq - 1) * 100:+.2f}% | {r['gptq_s']:.0f} s | {peer_s} s |")
+        print(f"| {r['setting']} | {r.get('rtn', nan):.3f} | {peer_rtn:.3f} | {r.get('rtn_ckpt', nan):.3f} | "
+              f"{r['gptq']:.3f} | {peer_gptq:.3f} | {(r['gptq'] / peer_gptq - 1) * 100:+.2f}% | "
+              f"{r['gptq_s']:.0f} s | {peer_s} s |")
 
 
 if __name__ == "__main__":

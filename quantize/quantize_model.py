@@ -83,9 +83,8 @@ def capture_block_inputs(config: QWenConfig, reader: LazyCheckpoint, batches, de
     """Inputs (args, kwargs) of the first block for each batch, with only the embedding materialised."""
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
-    model.transformer.wte.to_empty(device=device)
-    model.transformer.wte.weight.data.copy_(reader.get("transformer.wte.weight"))
-    model.transformer.wte.to(dtype)
+    model.transformer.wte.weight = torch.nn.Parameter(reader.get("transformer.wte.weight", device).to(dtype),
+                                                      requires_grad=False)
     captured = []
 
     def record(module, args, kwargs):
@@ -117,21 +116,23 @@ def compute_dtype(config: QWenConfig, device: torch.device) -> torch.dtype:
 def _load_block(config, reader, index, device, dtype) -> QWenBlock:
     with torch.device("meta"):
         block = QWenBlock(config, index)
-    block.to_empty(device=device)
-    block.load_state_dict(reader.state_dict(f"transformer.h.{index}.", device), strict=True)
+    block.load_state_dict(reader.state_dict(f"transformer.h.{index}.", device), strict=True, assign=True)
     return block.to(dtype).eval()
 
 
-def _run_block(block, inputs, device, dtype, hooks_stop=False):
-    outs = []
-    for args, kwargs in inputs:
-        args, kwargs = _to(args, device, dtype), _to(kwargs, device)
+def _run_block(block, inputs, device, dtype, replace_inputs=False):
+    """Run the block on every calibration batch; with `replace_inputs`, each output replaces its input in place
+    (so two full copies of the activations never coexist). Otherwise a hook is expected to stop each forward."""
+    for j, (args, kwargs) in enumerate(inputs):
+        # Only the hidden states take the compute dtype; rotary tables, masks and scales keep theirs (float32).
+        hidden, rest, kwargs = args[0].to(device, dtype), _to(args[1:], device), _to(kwargs, device)
         try:
-            outs.append(block(*args, **kwargs).to("cpu"))
+            out = block(hidden, *rest, **kwargs)
         except _StopForward:
-            if not hooks_stop:
-                raise
-    return outs
+            continue
+        if not replace_inputs:
+            raise RuntimeError("calibration pass ran the whole block: a layer hook did not fire")
+        inputs[j] = ((out.to("cpu"),) + tuple(args[1:]), kwargs)
 
 
 def _hessians(block, names, inputs, device, dtype):
@@ -154,7 +155,7 @@ def _hessians(block, names, inputs, device, dtype):
         handles.append(block.get_submodule(name).register_forward_pre_hook(hook_for(name)))
     try:
         with torch.no_grad():
-            _run_block(block, inputs, device, dtype, hooks_stop=True)
+            _run_block(block, inputs, device, dtype)
     finally:
         for h in handles:
             h.remove()
@@ -213,8 +214,7 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
                                 "-" if result.loss is None else f"{result.loss:.4g}")
             if inputs and i + 1 < config.num_hidden_layers:
                 with torch.no_grad():
-                    outs = _run_block(block, inputs, device, dtype)
-                inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outs, inputs)]
+                    _run_block(block, inputs, device, dtype, replace_inputs=True)
             writer.write_shard(shard)
             del block
         writer.write_shard(reader.read_all(k for k in reader.keys() if not k.startswith("transformer.h.")))
