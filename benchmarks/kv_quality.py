@@ -46,7 +46,7 @@ CTX, CHUNK, WINDOWS = 1024, 128, 4
 PEER_PUBLISHED = {"peer-float": 23.237, "peer-quanto-int4": 23.417, "peer-hqq-int8": 23.290}
 ROWS = ("peer-float", "peer-quanto-int4", "peer-hqq-int8", "ours-int8-fp16", "ours-int4-fp16", "ours-int8", "ours-int4",
         "ours-float", "sim-int4-own-float", "sim-int4-kivi-own-float", "sim-int4-minmax", "sim-int4-minmax-own-float",
-        "sim-int4-kivi-minmax-own-float", "ours-chunk-int8")
+        "sim-int4-kivi-minmax-own-float", "sim-int4-g32-own-float", "sim-int4-g32-minmax-own-float", "ours-chunk-int8")
 PERPLEXITY_FREE = ("ours-int8", "ours-int4")  # same numbers as the -fp16 rows up to fp16 rounding: bytes only
 
 
@@ -151,17 +151,24 @@ class SimulatedCache(DynamicCache):
     """Float cache of quantize-dequantize K/V (see ``fake_quantize``).
 
     ``key_dim=-1`` groups keys per token over head_dim (our layout); ``key_dim=-2`` per channel over the chunk
-    (KIVI). Values are always per token. ``own_float``: the current chunk attends to its own K/V unrounded (as the
+    (KIVI). Values are always per token. ``group``: groups of that many channels along head_dim instead of whole
+    rows (keys and values, per token). ``own_float``: the current chunk attends to its own K/V unrounded (as the
     peer's cache does); otherwise to its quantized copy (as our model does)."""
 
-    def __init__(self, bits: int, key_dim: int, own_float: bool = True, minmax: bool = False):
+    def __init__(self, bits: int, key_dim: int, own_float: bool = True, minmax: bool = False, group: int = 0):
         super().__init__()
-        self.bits, self.key_dim, self.own_float, self.minmax = bits, key_dim, own_float, minmax
+        self.bits, self.key_dim, self.own_float, self.minmax, self.group = bits, key_dim, own_float, minmax, group
+
+    def _quantize(self, x, dim):
+        if not self.group:
+            return fake_quantize(x, self.bits, dim, self.minmax)
+        grouped = x.reshape(*x.shape[:-1], x.shape[-1] // self.group, self.group)
+        return fake_quantize(grouped, self.bits, -1, self.minmax).reshape(x.shape)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         n = key_states.shape[-2]
-        keys, values = super().update(fake_quantize(key_states, self.bits, self.key_dim, self.minmax),
-                                      fake_quantize(value_states, self.bits, -1, self.minmax), layer_idx)
+        keys, values = super().update(self._quantize(key_states, self.key_dim), self._quantize(value_states, -1),
+                                      layer_idx)
         if not self.own_float:
             return keys, values
         return (torch.cat([keys[..., :-n, :], key_states], dim=-2),
@@ -207,6 +214,8 @@ def make_row(name: str, model_dir: Path, models: dict):
         "sim-int4-minmax": lambda: SimulatedCache(4, key_dim=-1, own_float=False, minmax=True),
         "sim-int4-minmax-own-float": lambda: SimulatedCache(4, key_dim=-1, minmax=True),
         "sim-int4-kivi-minmax-own-float": lambda: SimulatedCache(4, key_dim=-2, minmax=True),
+        "sim-int4-g32-own-float": lambda: SimulatedCache(4, key_dim=-1, group=32),
+        "sim-int4-g32-minmax-own-float": lambda: SimulatedCache(4, key_dim=-1, minmax=True, group=32),
     }
     return model, makers[name], kv_heads
 
@@ -254,7 +263,7 @@ def render(results: list[dict]) -> str:
         family = "peer" if r["row"].startswith("peer-") else "ours"
         base = by.get(f"{family}-float") or by.get("peer-float")  # the two float rows agree (same weights)
         ppl = "–" if r["ppl"] is None else f"{r['ppl']:.3f}"
-        delta = ("–" if r["ppl"] is None or base is None or r["row"].endswith("-float")
+        delta = ("–" if r["ppl"] is None or base is None or r["row"] in ("ours-float", "peer-float")
                  else f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}%")
         ratio = "–" if r["ratio"] is None else f"{r['ratio']:.3f}"
         speed = ("–" if r["seconds"] is None or base is None or base["seconds"] is None
