@@ -88,26 +88,26 @@ def main():
                 out = Path(work) / f"{name}-{method}"
                 settings = QuantizeSettings(bits=bits, group_size=gs, damp_percent=args.damp, method=method,
                                             act_group_aware=not args.no_group_aware)
-                t0 = time.time()
+                t0, c0 = time.time(), time.process_time()
                 quantize_checkpoint(model_dir, out, settings,
                                     calib=str(SHARED / "data" / "calib_c4_smollm2_128x512.json"),
                                     nsamples=128, seqlen=512, device="cpu")
                 key = "gptq" if method == "gptq" else "rtn_ckpt"
-                row[f"{key}_s"] = time.time() - t0
+                row[f"{key}_s"], row[f"{key}_cpu"] = time.time() - t0, time.process_time() - c0
                 row[key] = ppl(out, ids)
-                print(f"{name} {method} checkpoint: ppl {row[key]:.3f}, quantized in {row[f'{key}_s']:.0f}s",
-                      flush=True)
+                print(f"{name} {method} checkpoint: ppl {row[key]:.3f}, quantized in {row[f'{key}_s']:.0f}s wall, "
+                      f"{row[f'{key}_cpu']:.0f}s CPU", flush=True)
             rows.append(row)
     print(f"\nfloat32 baseline (16 windows): {base:.3f}\n")
     print("| setting | RTN, our harness | RTN, peer file | RTN checkpoint (fp16 scales) | GPTQ (ours, defaults) "
-          "| GPTQModel, peer file | ours vs peer | our wall time | peer wall time |")
+          "| GPTQModel, peer file | ours vs peer | our wall / CPU time | peer wall time |")
     print("|---|---|---|---|---|---|---|---|---|")
     nan = float("nan")
     for r in rows:
         peer_rtn, peer_gptq, peer_s = PEER[r["setting"]]
         print(f"| {r['setting']} | {r.get('rtn', nan):.3f} | {peer_rtn:.3f} | {r.get('rtn_ckpt', nan):.3f} | "
               f"{r['gptq']:.3f} | {peer_gptq:.3f} | {(r['gptq'] / peer_gptq - 1) * 100:+.2f}% | "
-              f"{r['gptq_s']:.0f} s | {peer_s} s |")
+              f"{r['gptq_s']:.0f} s / {r['gptq_cpu']:.0f} s | {peer_s} s |")
 
 
 if __name__ == "__main__":
