@@ -58,10 +58,12 @@ def check_mask(attn_mask, query: torch.Tensor, kv_len: int):
         ) from err
 
 
-def attention_torch(query, layer_past, attn_mask=None, scale=None, softmax_in_fp32=True):
+def attention_torch(query, layer_past, attn_mask=None, scale=None, softmax_in_fp32=True, fresh=None):
     """softmax(query @ K^T * scale + mask) @ V with K, V dequantized from ``layer_past``; returns query's dtype.
 
     ``scale`` defaults to 1/sqrt(head_dim); the query is otherwise taken as is (logn scaling is the caller's).
+    ``fresh``: the current chunk's own float ``(key, value)`` ``[b, h, n, d]``; the last n cached positions are read
+    from it instead of from their quantized copy (a chunk attends to itself in full precision).
     """
     bits = cache_bits(query, layer_past)
     (q_key, key_scale, key_zero), (q_value, value_scale, value_zero) = layer_past
@@ -70,6 +72,10 @@ def attention_torch(query, layer_past, attn_mask=None, scale=None, softmax_in_fp
         scale = 1.0 / math.sqrt(query.shape[-1])
     key = dequantize_cache_torch(q_key, key_scale, key_zero, bits=bits).to(query.dtype)
     value = dequantize_cache_torch(q_value, value_scale, value_zero, bits=bits).to(query.dtype)
+    if fresh is not None:
+        n = fresh[0].shape[-2]
+        key[..., -n:, :] = fresh[0]
+        value[..., -n:, :] = fresh[1]
     scores = torch.matmul(query, key.transpose(-1, -2))
     if softmax_in_fp32:
         scores = scores.float()
@@ -114,8 +120,11 @@ def _triton_usable(query: torch.Tensor) -> bool:
     return True
 
 
-def quantized_attention(query, layer_past, attn_mask, scale, backend="auto"):
+def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fresh=None):
     """Attention over a quantized layer with the chosen backend.
+
+    With ``fresh`` (the current chunk's float key/value, see ``attention_torch``) the torch path runs whatever the
+    backend: the fused kernels read every position from the quantized cache.
 
     "auto" picks the compiled CUDA kernels when they are already loaded in this process (see
     ``kvcache.cpp_kernels.load_cache_kernels``) and the tensors are on CUDA, else the fused Triton kernel on CUDA,
@@ -123,8 +132,8 @@ def quantized_attention(query, layer_past, attn_mask, scale, backend="auto"):
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return attention_torch(query, layer_past, attn_mask, scale)
+    if backend == "torch" or fresh is not None:
+        return attention_torch(query, layer_past, attn_mask, scale, fresh=fresh)
     if backend == "triton":
         from kvcache.triton_attention import attention_triton
 

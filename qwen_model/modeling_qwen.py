@@ -116,7 +116,10 @@ class QWenAttention(nn.Module):
 
         if quantized:
             backend = "torch" if query.device.type == "cpu" else ("cuda" if self.config.use_cache_kernel else "triton")
-            out = quantized_attention(query, layer_past, attention_mask, scale, backend=backend)
+            # A prefill chunk attends to its own keys/values in full precision and to earlier ones through the
+            # quantized cache; "chunk" granularity keeps the original release's all-quantized arithmetic.
+            fresh = (key, value) if s > 1 and self.config.cache_granularity == "token" else None
+            out = quantized_attention(query, layer_past, attention_mask, scale, backend=backend, fresh=fresh)
         else:
             k, v = layer_past
             with sdpa_kernel(self.sdpa_backends):

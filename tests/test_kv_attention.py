@@ -84,3 +84,23 @@ def test_dispatcher_on_cpu_uses_reference():
     assert torch.equal(quantized_attention(q, layer_past, None, 0.3, backend="torch"), ref)
     # no CUDA here: the "cuda" backend falls back to the reference
     assert torch.equal(quantized_attention(q, layer_past, None, 0.3, backend="cuda"), ref)
+
+
+def test_fresh_chunk_is_read_in_full_precision():
+    """With `fresh`, the last n positions come from the float key/value, the rest from the quantized cache."""
+    from kvcache.quantize_cache import dequantize_cache_torch, quantize_cache_v
+    from kvcache.quantized_attention import attention_torch, quantized_attention
+
+    g = torch.Generator().manual_seed(3)
+    key, value = torch.randn(2, 3, 20, 16, generator=g), torch.randn(2, 3, 20, 16, generator=g)
+    query = torch.randn(2, 3, 5, 16, generator=g)
+    layer_past = (quantize_cache_v(key, 4, 15, 0), quantize_cache_v(value, 4, 15, 0))
+    k_ref = torch.cat([dequantize_cache_torch(*layer_past[0], bits=4)[..., :15, :], key[..., 15:, :]], dim=-2)
+    v_ref = torch.cat([dequantize_cache_torch(*layer_past[1], bits=4)[..., :15, :], value[..., 15:, :]], dim=-2)
+    expected = torch.softmax(query @ k_ref.transpose(-1, -2) / 4.0, dim=-1) @ v_ref
+    fresh = (key[..., 15:, :], value[..., 15:, :])
+    torch.testing.assert_close(attention_torch(query, layer_past, None, 0.25, fresh=fresh), expected)
+    torch.testing.assert_close(quantized_attention(query, layer_past, None, 0.25, backend="triton", fresh=fresh),
+                               expected)
+    plain = attention_torch(query, layer_past, None, 0.25)
+    assert (plain - expected).abs().max() > 1e-3
