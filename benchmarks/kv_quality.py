@@ -8,7 +8,8 @@ as the converter repeats SmolLM2's 3 into 9; the peer's Llama keeps 3, so only r
 
 Rows:
 * ours-*: ``QWenLMHeadModel`` with ``QuantizedKVCache`` (token granularity; fp16 = ``storage_dtype=float16``; chunk =
-  the original Qwen arithmetic). A chunk attends to its own keys/values quantized, as the original Qwen code does.
+  the original Qwen arithmetic). A chunk attends to its own keys/values in full precision and to earlier chunks
+  through the quantized cache; the chunk rows keep the original all-quantized arithmetic.
 * peer-*: the same weights as ``LlamaForCausalLM`` (c_attn split, the repeated KV heads folded back to 3) with
   ``DynamicCache`` and ``QuantizedCache`` (quanto int4 / hqq int8, q_group_size 64, residual 128). The peer's cache
   returns a chunk's own keys/values in float; only earlier chunks are read back quantized.

@@ -2,12 +2,12 @@
 
 Protocol (small, for CI: about 3 forward passes of 1024 tokens, ~1 min on 2 idle CPU cores): the first window of
 1024 tokens of ``wiki.test.raw``, fed through the cache in chunks of 128 (``quantize.evaluate.chunked_perplexity``),
-so every chunk after the first attends to quantized keys/values of the earlier chunks (and, as in the original Qwen
-code, to its own quantized keys/values). The same protocol with a float cache is the reference. The full benchmark
+so every chunk after the first attends to quantized keys/values of the earlier chunks (and to its own in full
+precision). The same protocol with a float cache is the reference. The full benchmark
 (4 windows, the peer's protocol) is ``benchmarks/kv_quality.py``.
 
-Bounds: int8 at most +0.5% (measured +0.12%). 4-bit at most +20%: measured +16%, far above the int8 figure, because
-a chunk also attends to its own keys/values quantized to 4 bits; see benchmarks/kv_quality.py for what fixes it.
+Bounds: int8 at most +0.5% (measured +0.01%). 4-bit at most +3% (measured +1.65% on this single window; the
+4-window figure is in benchmarks/RESULTS.md).
 """
 from pathlib import Path
 
@@ -58,4 +58,4 @@ def test_int8_cache_costs_at_most_half_a_percent(scores):
 def test_4bit_cache_figure(scores):
     increase = scores[4] / scores["float"] - 1
     print(f"4-bit cache: perplexity {scores[4]:.4f} vs float {scores['float']:.4f} ({100 * increase:+.2f}%)")
-    assert scores[8] < scores[4] <= scores["float"] * 1.20
+    assert scores[8] < scores[4] <= scores["float"] * 1.03
