@@ -4,6 +4,7 @@ Calibration samples run through the embedding once; each block is then read from
 quantized in true-sequential order (c_attn -> c_proj -> w1/w2 -> mlp.c_proj, re-running the block with the layers
 already quantized), its outputs become the next block's inputs, and its packed tensors go straight to disk.
 """
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -179,6 +180,10 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
     config = QWenConfig.from_pretrained(model_dir)
     if getattr(config, "quantization_config", None) is not None:
         raise ValueError(f"{model_dir} is already quantized; start from a float checkpoint")
+    # Calibration passes use PyTorch's fused attention kernels whatever use_flash_attn says (same values, ~4x faster
+    # on CPU than plain math attention).
+    block_config = copy.deepcopy(config)
+    block_config.use_flash_attn = True
     settings.validate(config.hidden_size)
     settings.validate(config.intermediate_size // 2)
     reader = LazyCheckpoint(model_dir)
@@ -196,7 +201,7 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
             inputs = capture_block_inputs(config, reader, _batches(samples, bs), device, dtype)
         start = time.time()
         for i in tqdm(range(config.num_hidden_layers), desc="blocks", unit="block"):
-            block = _load_block(config, reader, i, device, dtype)
+            block = _load_block(block_config, reader, i, device, dtype)
             shard = {f"transformer.h.{i}.{k}": v for k, v in block.state_dict().items() if "ln_" in k}
             groups = SEQUENTIAL_GROUPS if settings.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
             for names in groups:
