@@ -81,17 +81,24 @@ def _round_up_to_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _quantize_token(fdata, bits, qmax, qmin):
-    """Per-(batch, head, position) asymmetric quantization over head_dim with round to nearest."""
+    """Per-(batch, head, position) asymmetric quantization over head_dim with round to nearest.
+
+    8-bit: the range is widened to contain 0 so the zero point is an integer on the grid (exact even in bf16).
+    4-bit: the plain min/max grid with a fractional zero point; with only 16 levels, widening the range to 0 costs
+    far more than rounding the stored zero (which the codes are computed against, so it adds no error).
+    """
     x = fdata.float()
     fmin = torch.amin(x, dim=-1, keepdim=True)
     fmax = torch.amax(x, dim=-1, keepdim=True)
-    lo = torch.clamp(fmin, max=0.0)
-    hi = torch.clamp(fmax, min=0.0)
+    widen = bits == 8
+    lo = torch.clamp(fmin, max=0.0) if widen else fmin
+    hi = torch.clamp(fmax, min=0.0) if widen else fmax
     constant = fmax == fmin
 
     scale = _round_up_to_dtype((hi - lo) / (qmax - qmin), fdata.dtype)
     scale32 = scale.float()
-    zero32 = torch.clamp(torch.round(qmin - lo / torch.where(constant, 1.0, scale32)), qmin, qmax)
+    zero32 = qmin - lo / torch.where(constant, 1.0, scale32)
+    zero32 = torch.clamp(torch.round(zero32), qmin, qmax) if widen else zero32.to(fdata.dtype).float()
 
     # Constant rows (c, c, ..., c): scale = |c| and q - zero = sign(c), which reconstructs c exactly.
     abs_c = fmax.abs()
