@@ -26,5 +26,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.2,<3.10"],
         "test": ["pytest>=8,<10", "triton>=3.2,<3.10", "gguf>=0.10,<0.20"],
+        # The peers we measure against (benchmarks, tests/test_peer_gptqmodel.py). gptqmodel pins numpy 2.2.6 and
+        # pulls in torchao; hqq slows every transformers import, so install it with --target where that matters.
+        "peer": ["gptqmodel==7.6.0", "optimum==2.3.0", "optimum-quanto==0.2.7", "hqq==0.2.8.post1"],
     },
 )
