@@ -6,7 +6,7 @@ so every chunk after the first attends to quantized keys/values of the earlier c
 precision). The same protocol with a float cache is the reference. The full benchmark
 (4 windows, the peer's protocol) is ``benchmarks/kv_quality.py``.
 
-Bounds: int8 at most +0.5% (measured +0.01%). 4-bit at most +3% (measured +1.65% on this single window; the
+Bounds: int8 at most +0.5% (measured +0.01%). 4-bit at most +3% (measured +1.93% on this single window; the
 4-window figure is in benchmarks/RESULTS.md).
 """
 from pathlib import Path
