@@ -5,7 +5,7 @@ setup(
     name="qwen-quant-toolkit",
     version="0.1.0",
     description="GPTQ Int4/Int8 and quantized KV cache for Qwen (v1) models",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=["qwen_model", "quantize", "kvcache", "calib_data"],
     package_data={
         "kvcache": ["*.cu", "*.cpp"],

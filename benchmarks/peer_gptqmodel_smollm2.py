@@ -35,16 +35,6 @@ CONVERTER = REPO.parent / "shared" / "tools" / "smollm2_to_qwen.py"
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _cwd(path: Path):
-    """GPTQModel writes ./logs into the working directory."""
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
 
 def wiki_ids(model_dir: Path) -> list[int]:
     from qwen_model.tokenization_qwen import load_tokenizer
@@ -74,7 +64,7 @@ def quantize_peer(src: Path, work: Path, samples: list[list[int]], args) -> tupl
     qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, sym=True, desc_act=False,
                           act_group_aware=True, damp_percent=args.damp, offload_to_disk=False)
     start = time.perf_counter()
-    with _cwd(work):
+    with contextlib.chdir(work):
         model = GPTQModel.load(str(llama), qcfg, device="cpu", dtype=torch.float32)
         model.quantize(calib)
         model.save(str(work / "llama-gptq"))

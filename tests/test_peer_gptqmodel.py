@@ -67,16 +67,6 @@ def _root_logging_untouched():
     _restore_root_logging()
 
 
-@contextlib.contextmanager
-def _cwd(path):
-    """GPTQModel writes ./logs; keep it out of the repository."""
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
 
 def _max_rel_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.float() - ref.float()).abs().max() / ref.float().abs().max())
@@ -174,7 +164,7 @@ def peer_checkpoint(tmp_path_factory):
     gen = torch.Generator().manual_seed(1)
     calib = [{"input_ids": torch.randint(0, TINY_LLAMA["vocab_size"], (1, 64), generator=gen),
               "attention_mask": torch.ones(1, 64, dtype=torch.long)} for _ in range(8)]
-    with _cwd(root):
+    with contextlib.chdir(root):
         model = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=32, sym=True, desc_act=False,
                                                         offload_to_disk=False), device="cpu")
         model.quantize(calib)
