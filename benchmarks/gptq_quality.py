@@ -66,8 +66,9 @@ def main():
     p.add_argument("--skip-rtn", action="store_true", help="skip the in-memory RTN baseline")
     p.add_argument("--rtn-checkpoint", action="store_true",
                    help="also write an RTN checkpoint (float16 scales, as the format stores them) and score it")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
         model_dir = Path(args.model) if args.model else Path(work) / "smollm2"
         if not args.model:
