@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -425,4 +425,4 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             raise errors[0]
 
 
-__all__ = ["QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "GenerationConfig"]
+__all__ = ["QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel"]
