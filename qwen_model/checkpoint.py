@@ -75,9 +75,6 @@ class LazyCheckpoint:
     def keys(self):
         return list(self._where)
 
-    def __contains__(self, name):
-        return name in self._where
-
     def _read(self, names, device):
         from safetensors import safe_open
 
