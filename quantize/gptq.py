@@ -40,7 +40,7 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, inp: torch.Tensor) -> tup
     Pass H=None, n=0 for the first batch. Returns (H, n).
     """
     x = inp.reshape(-1, inp.shape[-1]).to(torch.float32)
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError("layer input contains NaN or inf")
     if H is None:
         H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
@@ -53,7 +53,7 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, inp: torch.Tensor) -> tup
     return H, n + m
 
 
-def _all_finite(x: torch.Tensor) -> bool:
+def all_finite(x: torch.Tensor) -> bool:
     """True if x has no NaN/inf; one sum decides in the common case (an overflowing sum falls back to a mask)."""
     if bool(torch.isfinite(x.sum())):
         return True
@@ -155,9 +155,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     gs = check_group_size(group_size, n)
-    if not _all_finite(W):
+    if not all_finite(W):
         raise ValueError("W contains NaN or inf")
-    if not _all_finite(H):
+    if not all_finite(H):
         raise ValueError("H contains NaN or inf")
     device = W.device
     H = H.to(device)

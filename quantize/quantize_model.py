@@ -1,8 +1,9 @@
 """Quantize a Qwen checkpoint block by block: only one decoder block's weights are ever in memory.
 
 Calibration samples run through the embedding once; each block is then read from safetensors, its linear layers are
-quantized in true-sequential order (c_attn -> c_proj -> w1/w2 -> mlp.c_proj, re-running the block with the layers
-already quantized), its outputs become the next block's inputs, and its packed tensors go straight to disk.
+quantized in true-sequential order (c_attn -> c_proj -> w1/w2 -> mlp.c_proj, each group's inputs computed with the
+groups before it already quantized), its outputs become the next block's inputs, and its packed tensors go straight
+to disk.
 """
 import copy
 import logging
@@ -19,15 +20,14 @@ from qwen_model.configuration_qwen import QWenConfig
 from qwen_model.modeling_qwen import QWenBlock, QWenLMHeadModel
 from qwen_model.tokenization_qwen import load_tokenizer
 
-from .gptq import accumulate_hessian, gptq_quantize
+from .gptq import all_finite, accumulate_hessian, gptq_quantize
 from .gptq_checkpoint import CheckpointWriter, output_config
 from .pack import checkpoint_format_for, pack_layer, quantize_config
 from .quantizer import check_bits, check_group_size, rtn_quantize
 
 logger = logging.getLogger(__name__)
 
-SEQUENTIAL_GROUPS = (("attn.c_attn",), ("attn.c_proj",), ("mlp.w1", "mlp.w2"), ("mlp.c_proj",))
-SHARED_INPUT = {"mlp.w2": "mlp.w1"}  # w1 and w2 both read ln_2's output: one Hessian serves both
+BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 
 
 @dataclass
@@ -121,46 +121,96 @@ def _load_block(config, reader, index, device, dtype) -> QWenBlock:
     return block.to(dtype).eval()
 
 
-def _run_block(block, inputs, device, dtype, replace_inputs=False):
-    """Run the block on every calibration batch; with `replace_inputs`, each output replaces its input in place
-    (so two full copies of the activations never coexist). Otherwise a hook is expected to stop each forward."""
-    for j, (args, kwargs) in enumerate(inputs):
-        # Only the hidden states take the compute dtype; rotary tables, masks and scales keep theirs (float32).
-        hidden, rest, kwargs = args[0].to(device, dtype), _to(args[1:], device), _to(kwargs, device)
-        try:
-            out = block(hidden, *rest, **kwargs)
-        except _StopForward:
-            continue
-        if not replace_inputs:
-            raise RuntimeError("calibration pass ran the whole block: a layer hook did not fire")
-        inputs[j] = ((out.to("cpu"),) + tuple(args[1:]), kwargs)
+def _on(device, dtype, args, kwargs):
+    """A calibration batch on the compute device: hidden states in the compute dtype, rotary tables, masks and
+    scales in theirs (float32)."""
+    return args[0].to(device, dtype), _to(args[1:], device), _to(kwargs, device)
 
 
-def _hessians(block, names, inputs, device, dtype):
-    """Hessian of each layer in `names` over all calibration inputs; each forward stops before the last one runs."""
-    H, n, handles, seen = {}, {}, [], set()
-    own = [name for name in names if SHARED_INPUT.get(name) not in names]
+def _input_of(module, run):
+    """The input `module` receives while `run()` executes; the forward stops there, skipping what follows."""
+    seen = []
 
-    def hook_for(name):
-        def hook(module, inp):
-            if not torch.isfinite(inp[0]).all():
-                raise ValueError(f"non-finite activations reach {name}; the model or calibration data is broken")
-            H[name], n[name] = accumulate_hessian(H.get(name), n.get(name, 0), inp[0])
-            seen.add(name)
-            if seen.issuperset(own):
-                seen.clear()
-                raise _StopForward
-        return hook
+    def hook(_, inp):
+        seen.append(inp[0])
+        raise _StopForward
 
-    for name in own:
-        handles.append(block.get_submodule(name).register_forward_pre_hook(hook_for(name)))
+    handle = module.register_forward_pre_hook(hook)
     try:
-        with torch.no_grad():
-            _run_block(block, inputs, device, dtype)
+        run()
+    except _StopForward:
+        pass
     finally:
-        for h in handles:
-            h.remove()
-    return {name: H[name if name in own else SHARED_INPUT[name]] for name in names}
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"calibration pass never reached {module.__class__.__name__}")
+    return seen[0]
+
+
+def _hessian(H, n, name, x):
+    if not all_finite(x):
+        raise ValueError(f"non-finite activations reach {name}; the model or calibration data is broken")
+    return accumulate_hessian(H, n, x)
+
+
+def calibrate_block(block: QWenBlock, inputs: list, quantize, true_sequential: bool, device, dtype,
+                    outputs: bool = True) -> None:
+    """Collect each layer's Hessian in the order c_attn -> c_proj -> w1/w2 -> mlp.c_proj, call
+    ``quantize(names, hessians)`` per group (true-sequential: before the next group's inputs are computed, so they
+    see the quantized layers; otherwise once, from the float block), then (with `outputs`) replace each input batch
+    by the block's output.
+
+    Every stage starts from what the previous one stored instead of re-running the block from its input: the
+    attention runs once per batch, the MLP's w1/w2 twice (for mlp.c_proj's Hessian, then for the output). This
+    mirrors QWenBlock.forward (x + attn(ln_1(x)), then h + mlp(ln_2(h))); a test holds the two equal.
+    """
+    attn, mlp = block.attn, block.mlp
+    pending = {}
+
+    def stage(names, hessian):
+        if true_sequential:
+            quantize(names, {name: hessian for name in names})
+        else:
+            pending.update({name: hessian for name in names})
+
+    with torch.no_grad():
+        H, n = None, 0
+        for args, kwargs in inputs:
+            H, n = _hessian(H, n, "attn.c_attn", block.ln_1(args[0].to(device, dtype)))
+        stage(("attn.c_attn",), H)
+
+        H, n, mid = None, 0, []
+        for args, kwargs in inputs:
+            x, rest, kw = _on(device, dtype, args, kwargs)
+            context = _input_of(attn.c_proj, lambda: attn(block.ln_1(x), *rest, **kw))
+            H, n = _hessian(H, n, "attn.c_proj", context)
+            mid.append(context.to(args[0].device, args[0].dtype))
+        stage(("attn.c_proj",), H)
+
+        H, n = None, 0
+        for j, (args, kwargs) in enumerate(inputs):
+            h = args[0].to(device, dtype) + attn.c_proj(mid[j].to(device, dtype))
+            H, n = _hessian(H, n, "mlp.w1", block.ln_2(h))
+            mid[j] = h.to(args[0].device, args[0].dtype)
+        stage(("mlp.w1", "mlp.w2"), H)
+
+        H, n = None, 0
+        for j in range(len(inputs)):
+            h = mid[j].to(device, dtype)
+            H, n = _hessian(H, n, "mlp.c_proj", _input_of(mlp.c_proj, lambda: mlp(block.ln_2(h))))
+        stage(("mlp.c_proj",), H)
+
+        if not true_sequential:
+            quantize(tuple(pending), pending)
+        for j, (args, kwargs) in enumerate(inputs if outputs else []):
+            if true_sequential:
+                h = mid[j].to(device, dtype)
+                out = h + mlp(block.ln_2(h))
+            else:
+                x, rest, kw = _on(device, dtype, args, kwargs)
+                out = block(x, *rest, **kw)
+            mid[j] = None
+            inputs[j] = ((out.to(args[0].device, args[0].dtype),) + tuple(args[1:]), kwargs)
 
 
 def _quantize_layer(linear, H, s: QuantizeSettings):
@@ -169,6 +219,23 @@ def _quantize_layer(linear, H, s: QuantizeSettings):
         return rtn_quantize(W, s.bits, s.group_size, s.sym, fp16_scales=True)
     return gptq_quantize(W, H, s.bits, s.group_size, sym=s.sym, damp_percent=s.damp_percent,
                          desc_act=s.desc_act, static_groups=s.static_groups, act_group_aware=s.act_group_aware)
+
+
+def _quantize_layers(block, names, hessians, settings: QuantizeSettings, fmt, prefix, device, dtype) -> dict:
+    """Quantize the named linears of `block` in place (later stages then see them) and return their packed tensors."""
+    packed_all = {}
+    for name in names:
+        t0 = time.time()
+        linear = block.get_submodule(name)
+        result = _quantize_layer(linear, hessians.get(name), settings)
+        linear.weight.data = result.weight.to(device, dtype)
+        packed = pack_layer(result.codes, result.scales, result.zeros, result.g_idx, settings.bits, fmt)
+        if linear.bias is not None:
+            packed["bias"] = linear.bias.data.to(torch.float16)
+        packed_all.update({f"{prefix}{name}.{k}": v for k, v in packed.items()})
+        logger.info("%s%-12s %5.2fs  loss %s", prefix, name, time.time() - t0,
+                    "-" if result.loss is None else f"{result.loss:.4g}")
+    return packed_all
 
 
 def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=None, nsamples: int = 128,
@@ -203,23 +270,16 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
         for i in tqdm(range(config.num_hidden_layers), desc="blocks", unit="block"):
             block = _load_block(block_config, reader, i, device, dtype)
             shard = {f"transformer.h.{i}.{k}": v for k, v in block.state_dict().items() if "ln_" in k}
-            groups = SEQUENTIAL_GROUPS if settings.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
-            for names in groups:
-                hessians = _hessians(block, names, inputs, device, dtype) if settings.method == "gptq" else {}
-                for name in names:
-                    t0 = time.time()
-                    linear = block.get_submodule(name)
-                    result = _quantize_layer(linear, hessians.get(name), settings)
-                    linear.weight.data = result.weight.to(device, dtype)
-                    packed = pack_layer(result.codes, result.scales, result.zeros, result.g_idx, settings.bits, fmt)
-                    if linear.bias is not None:
-                        packed["bias"] = linear.bias.data.to(torch.float16)
-                    shard.update({f"transformer.h.{i}.{name}.{k}": v for k, v in packed.items()})
-                    logger.info("block %d %-12s %5.2fs  loss %s", i, name, time.time() - t0,
-                                "-" if result.loss is None else f"{result.loss:.4g}")
-            if inputs and i + 1 < config.num_hidden_layers:
-                with torch.no_grad():
-                    _run_block(block, inputs, device, dtype, replace_inputs=True)
+            prefix = f"transformer.h.{i}."
+
+            def quantize(names, hessians):
+                shard.update(_quantize_layers(block, names, hessians, settings, fmt, prefix, device, dtype))
+
+            if inputs:
+                calibrate_block(block, inputs, quantize, settings.true_sequential, device, dtype,
+                                outputs=i + 1 < config.num_hidden_layers)
+            else:
+                quantize(BLOCK_LAYERS, {})
             writer.write_shard(shard)
             del block
         writer.write_shard(reader.read_all(k for k in reader.keys() if not k.startswith("transformer.h.")))
