@@ -2,7 +2,10 @@
 
 ``layer_past`` is ``((q_key, key_scale, key_zero), (q_value, value_scale, value_zero))`` as returned by
 ``QuantizedKVCache.update``. Whether it is 8-bit or packed 4-bit is read off the shapes: q_key's last dimension is
-head_dim for 8 bits and head_dim / 2 for 4 bits.
+head_dim for 8 bits and head_dim / 2 for 4 bits. With the ``"channel_groups"`` key layout the keys are a
+``GroupedKeys`` (pre-RoPE, per-channel groups plus a float residual); they are dequantized and rotated with the
+stored positions and the caller's ``inv_freq`` (``kvcache.rotary``) before the scores, so the attention needs
+``inv_freq`` then.
 
 ``attn_mask`` is additive (0 keeps, a large negative value masks), floating point, broadcastable to
 ``[batch, 1 or heads, q_len, kv_len]``; ``None`` means no mask (so callers add their causal mask themselves).
@@ -12,15 +15,34 @@ import math
 
 import torch
 
-from kvcache.quantize_cache import dequantize_cache_torch
+from kvcache.quantize_cache import GroupedKeys, dequantize_cache_torch, dequantize_key_groups
+from kvcache.rotary import apply_rotary_pos_emb, cos_sin_at
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
+_fallback_logged = False
+
+
+def _check_grouped(query: torch.Tensor, keys: GroupedKeys, values) -> None:
+    """Rejects a malformed ``"channel_groups"`` layer_past."""
+    q_value = values[0]
+    b, h, _, head_dim = query.shape
+    kv_len = keys.positions.shape[-1]
+    if keys.q_key.dtype != torch.uint8 or q_value.dtype != torch.uint8:
+        raise ValueError(f"quantized key/value must be uint8, got {keys.q_key.dtype}/{q_value.dtype}")
+    if tuple(q_value.shape) != (b, h, kv_len, head_dim // 2) or tuple(keys.positions.shape) != (b, kv_len):
+        raise ValueError(f"values {tuple(q_value.shape)} / positions {tuple(keys.positions.shape)} do not fit "
+                         f"query {tuple(query.shape)} with {kv_len} cached positions")
+    if keys.q_key.shape[-2] + keys.residual.shape[-2] != kv_len or keys.scale.shape != keys.zero.shape:
+        raise ValueError("grouped keys: quantized + residual positions must equal the cached positions")
 
 
 def cache_bits(query: torch.Tensor, layer_past) -> int:
     """Returns 8 or 4 from the stored width versus the query's head_dim; rejects malformed layer_past."""
+    if isinstance(layer_past[0], GroupedKeys):
+        _check_grouped(query, *layer_past)
+        return 4
     (q_key, key_scale, key_zero), (q_value, value_scale, value_zero) = layer_past
     head_dim = query.shape[-1]
     if q_key.dtype != torch.uint8 or q_value.dtype != torch.uint8:
@@ -58,19 +80,35 @@ def check_mask(attn_mask, query: torch.Tensor, kv_len: int):
         ) from err
 
 
-def attention_torch(query, layer_past, attn_mask=None, scale=None, softmax_in_fp32=True, fresh=None):
+def rotated_keys(keys: GroupedKeys, inv_freq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float keys ``[b, h, kv_len, d]`` of a ``"channel_groups"`` layer: dequantized groups and the residual,
+    rotated at their stored positions (padding slots, position -1, at position 0: they are masked anyway)."""
+    if inv_freq is None:
+        raise ValueError("the channel_groups key layout stores pre-RoPE keys: pass the rotary inv_freq")
+    key = torch.cat((dequantize_key_groups(keys.q_key, keys.scale, keys.zero).to(dtype), keys.residual.to(dtype)),
+                    dim=-2)
+    cos, sin = cos_sin_at(keys.positions.clamp(min=0), inv_freq.to(key.device))
+    return apply_rotary_pos_emb(key, cos, sin)
+
+
+def attention_torch(query, layer_past, attn_mask=None, scale=None, softmax_in_fp32=True, fresh=None, inv_freq=None):
     """softmax(query @ K^T * scale + mask) @ V with K, V dequantized from ``layer_past``; returns query's dtype.
 
     ``scale`` defaults to 1/sqrt(head_dim); the query is otherwise taken as is (logn scaling is the caller's).
-    ``fresh``: the current chunk's own float ``(key, value)`` ``[b, h, n, d]``; the last n cached positions are read
-    from it instead of from their quantized copy (a chunk attends to itself in full precision).
+    ``fresh``: the current chunk's own float ``(key, value)`` ``[b, h, n, d]`` (keys rotated); the last n cached
+    positions are read from it instead of from their quantized copy (a chunk attends to itself in full precision).
+    ``inv_freq``: the rotary inverse frequencies ``[b or 1, rot_dim / 2]``, needed by (only) the ``"channel_groups"``
+    key layout.
     """
     bits = cache_bits(query, layer_past)
-    (q_key, key_scale, key_zero), (q_value, value_scale, value_zero) = layer_past
-    mask = check_mask(attn_mask, query, q_key.shape[-2])
+    keys, (q_value, value_scale, value_zero) = layer_past
+    if isinstance(keys, GroupedKeys):
+        key = rotated_keys(keys, inv_freq, query.dtype)
+    else:
+        key = dequantize_cache_torch(*keys, bits=bits).to(query.dtype)
+    mask = check_mask(attn_mask, query, key.shape[-2])
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    key = dequantize_cache_torch(q_key, key_scale, key_zero, bits=bits).to(query.dtype)
     value = dequantize_cache_torch(q_value, value_scale, value_zero, bits=bits).to(query.dtype)
     if fresh is not None:
         n = fresh[0].shape[-2]
@@ -87,7 +125,11 @@ def attention_torch(query, layer_past, attn_mask=None, scale=None, softmax_in_fp
 
 
 def attention_cuda_kernels(kernels, query, layer_past, attn_mask=None, scale=None):
-    """Scores and weighted sum through the compiled fp16 cache kernels; mask and softmax (fp32) in torch."""
+    """Scores and weighted sum through the compiled fp16 cache kernels; mask and softmax (fp32) in torch.
+
+    Token key layout only (``quantized_attention`` runs the ``"channel_groups"`` layout on the torch path)."""
+    if isinstance(layer_past[0], GroupedKeys):
+        raise ValueError("the CUDA cache kernels read the token key layout only, not channel_groups")
     bits = cache_bits(query, layer_past)
     (q_key, key_scale, key_zero), (q_value, value_scale, value_zero) = layer_past
     mask = check_mask(attn_mask, query, q_key.shape[-2])
@@ -120,11 +162,12 @@ def _triton_usable(query: torch.Tensor) -> bool:
     return True
 
 
-def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fresh=None):
+def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fresh=None, inv_freq=None):
     """Attention over a quantized layer with the chosen backend.
 
     With ``fresh`` (the current chunk's float key/value, see ``attention_torch``) the torch path runs whatever the
-    backend: the fused kernels read every position from the quantized cache.
+    backend: the fused kernels read every position from the quantized cache. The ``"channel_groups"`` key layout
+    (which needs ``inv_freq``) also runs on the torch path: neither kernel reads it yet (logged once).
 
     "auto" picks the compiled CUDA kernels when they are already loaded in this process (see
     ``kvcache.cpp_kernels.load_cache_kernels``) and the tensors are on CUDA, else the fused Triton kernel on CUDA,
@@ -133,7 +176,13 @@ def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fre
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or fresh is not None:
-        return attention_torch(query, layer_past, attn_mask, scale, fresh=fresh)
+        return attention_torch(query, layer_past, attn_mask, scale, fresh=fresh, inv_freq=inv_freq)
+    if isinstance(layer_past[0], GroupedKeys):
+        global _fallback_logged
+        if not _fallback_logged:
+            _fallback_logged = True
+            logger.warning("the channel_groups key layout has no %s kernel yet; using the torch reference", backend)
+        return attention_torch(query, layer_past, attn_mask, scale, inv_freq=inv_freq)
     if backend == "triton":
         from kvcache.triton_attention import attention_triton
 

@@ -1,28 +1,43 @@
 """A transformers ``Cache`` that stores keys and values quantized (uint8 or packed uint4) as they arrive.
 
-Each layer keeps ``q_key, key_scale, key_zero, q_value, value_scale, value_zero`` (layout of
-``kvcache.quantize_cache``); ``update`` quantizes only the new tokens and appends them along the sequence axis, and
-returns the whole quantized layer as ``((q_key, key_scale, key_zero), (q_value, value_scale, value_zero))``, which is
-what ``kvcache.quantized_attention`` consumes.
+Two key layouts (``key_layout``):
 
-Scales and zero points have the dtype of the incoming states, unless ``storage_dtype`` (float16 or bfloat16) is
-given: then states are cast to it before quantization, so a float32 model can keep 2-byte scales and zero points
-(int8: 68 instead of 72 bytes per 64-value row) while the stored values still round-trip within half a step.
+* ``"token"`` (8 bits, and 4 bits on request): keys after the rotary, one scale and zero point per position, as the
+  values always are. Each layer keeps ``q_key, key_scale, key_zero, q_value, value_scale, value_zero`` (layout of
+  ``kvcache.quantize_cache``) and ``update`` returns ``((q_key, key_scale, key_zero), (q_value, value_scale,
+  value_zero))``.
+* ``"channel_groups"`` (the 4-bit default): keys before the rotary, quantized per channel over groups of
+  ``KEY_GROUP_SIZE`` positions (``quantize_key_groups``); positions that do not yet fill a group stay in a float
+  residual and are quantized when it completes (KIVI). The layer also keeps every slot's rotary position (the
+  reader rotates the dequantized keys with them), and ``update`` returns ``(GroupedKeys(...), (q_value, value_scale,
+  value_zero))``. ``update`` then takes ``cache_kwargs={"positions": [b, new] ints}`` (-1 marks padding, which is
+  left out of the group ranges); without it, slots are numbered 0, 1, 2, ...
+
+``kvcache.quantized_attention`` consumes both. Scales and zero points (and the key residual) have the dtype of the
+incoming states, unless ``storage_dtype`` (float16 or bfloat16) is given: then states are cast to it before
+quantization, so a float32 model can keep 2-byte scales and zero points (int8: 68 instead of 72 bytes per 64-value
+row) while the stored values still round-trip within half a step.
 """
 from functools import partial
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvcache.quantize_cache import GRANULARITIES, quantize_cache_v
+from kvcache.quantize_cache import GRANULARITIES, KEY_GROUP_SIZE, GroupedKeys, quantize_cache_v, quantize_key_groups
 
 _STATE_NAMES = ("q_key", "key_scale", "key_zero", "q_value", "value_scale", "value_zero")
-
+_GROUP_STATE_NAMES = _STATE_NAMES + ("key_residual", "key_positions")
 
 STORAGE_DTYPES = (None, torch.float16, torch.bfloat16)
+KEY_LAYOUTS = ("token", "channel_groups")
 
 
-def _validate(bits: int, granularity: str, storage_dtype=None) -> None:
+def default_key_layout(bits: int, granularity: str = "token") -> str:
+    """``"channel_groups"`` for 4 bits (token granularity), ``"token"`` otherwise."""
+    return "channel_groups" if bits == 4 and granularity == "token" else "token"
+
+
+def _validate(bits: int, granularity: str, storage_dtype=None, key_layout: str = "token") -> None:
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be None, torch.float16 or torch.bfloat16, got {storage_dtype!r}")
     if bits not in (4, 8):
@@ -31,33 +46,41 @@ def _validate(bits: int, granularity: str, storage_dtype=None) -> None:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if granularity == "chunk" and bits != 8:
         raise ValueError("granularity='chunk' reproduces the original 8-bit arithmetic and supports bits=8 only")
+    if key_layout not in KEY_LAYOUTS:
+        raise ValueError(f"key_layout must be one of {KEY_LAYOUTS}, got {key_layout!r}")
+    if key_layout == "channel_groups" and (bits != 4 or granularity != "token"):
+        raise ValueError("key_layout='channel_groups' is a 4-bit layout (bits=4, granularity='token')")
 
 
 class QuantizedKVLayer(DynamicLayer):
     """One attention layer's quantized cache, grown by concatenation along the sequence axis."""
 
-    def __init__(self, bits: int = 8, granularity: str = "token", storage_dtype=None):
+    def __init__(self, bits: int = 8, granularity: str = "token", storage_dtype=None, key_layout=None):
         super().__init__()
-        _validate(bits, granularity, storage_dtype)
+        key_layout = default_key_layout(bits, granularity) if key_layout is None else key_layout
+        _validate(bits, granularity, storage_dtype, key_layout)
         self.bits = bits
         self.granularity = granularity
         self.storage_dtype = storage_dtype
+        self.key_layout = key_layout
         self.qmax = 2**bits - 1
         self.qmin = 0
         # Token granularity quantizes every position on its own, so dropping positions restores an earlier state
-        # exactly; a chunk's scale depends on all of its tokens, so a partial crop cannot.
-        self.is_croppable = granularity == "token"
+        # exactly; a chunk's scale depends on all of its tokens, and a key group's on all of its positions, so a
+        # partial crop cannot.
+        self.is_croppable = granularity == "token" and key_layout == "token"
+        self._names = _GROUP_STATE_NAMES if key_layout == "channel_groups" else _STATE_NAMES
         self._clear()
 
     def _clear(self) -> None:
-        for name in _STATE_NAMES:
+        for name in self._names:
             setattr(self, name, None)
 
     def _states(self):
-        return [getattr(self, name) for name in _STATE_NAMES]
+        return [getattr(self, name) for name in self._names]
 
     def _set_states(self, tensors) -> None:
-        for name, tensor in zip(_STATE_NAMES, tensors):
+        for name, tensor in zip(self._names, tensors):
             setattr(self, name, tensor)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -74,8 +97,11 @@ class QuantizedKVLayer(DynamicLayer):
             return quantize_cache_v(states, self.bits, qmax, qmin, granularity="chunk")
         return quantize_cache_v(states, self.bits, self.qmax, self.qmin, granularity=self.granularity)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Quantizes the new [b, heads, new_seq, head_dim] states, appends them, returns the whole layer."""
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs=None, *args, **kwargs):
+        """Quantizes the new [b, heads, new_seq, head_dim] states, appends them, returns the whole layer.
+
+        With the ``"channel_groups"`` key layout, ``key_states`` are pre-RoPE and ``cache_kwargs`` may carry their
+        ``"positions"`` (see the module docstring)."""
         if key_states.dim() != 4 or value_states.shape != key_states.shape:
             raise ValueError(
                 f"key/value states must both be [batch, heads, seq, head_dim], got {tuple(key_states.shape)} "
@@ -83,6 +109,8 @@ class QuantizedKVLayer(DynamicLayer):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.key_layout == "channel_groups":
+            return self._update_grouped(key_states, value_states, (cache_kwargs or {}).get("positions"))
         new = (*self._quantize(key_states), *self._quantize(value_states))
         if self.q_key is None:
             self._set_states(new)
@@ -90,8 +118,44 @@ class QuantizedKVLayer(DynamicLayer):
             self._set_states(torch.cat((old, fresh), dim=-2) for old, fresh in zip(self._states(), new))
         return (self.q_key, self.key_scale, self.key_zero), (self.q_value, self.value_scale, self.value_zero)
 
+    def _update_grouped(self, key_states, value_states, positions):
+        """Appends to the key residual, quantizes the groups it completes, and the values per token."""
+        b, heads, n, d = key_states.shape
+        past = self.get_seq_length()
+        if positions is None:
+            positions = torch.arange(past, past + n, device=key_states.device).expand(b, n)
+        if tuple(positions.shape) != (b, n):
+            raise ValueError(f"positions must be [batch, new_seq] = {(b, n)}, got {tuple(positions.shape)}")
+        positions = positions.to(device=key_states.device, dtype=torch.int32)
+        if self.storage_dtype is not None:
+            key_states = key_states.to(self.storage_dtype)
+        q_value, value_scale, value_zero = self._quantize(value_states)
+        if self.q_key is None:
+            empty = key_states.new_zeros(b, heads, 0, d)
+            self.q_key = torch.zeros(b, heads, 0, d // 2, dtype=torch.uint8, device=key_states.device)
+            self.key_scale, self.key_zero, self.key_residual = empty, empty, empty
+            self.key_positions = positions[:, :0]
+            self.q_value, self.value_scale, self.value_zero = q_value, value_scale, value_zero
+        else:
+            self.q_value = torch.cat((self.q_value, q_value), dim=-2)
+            self.value_scale = torch.cat((self.value_scale, value_scale), dim=-2)
+            self.value_zero = torch.cat((self.value_zero, value_zero), dim=-2)
+        self.key_positions = torch.cat((self.key_positions, positions), dim=-1)
+        pending = torch.cat((self.key_residual, key_states), dim=-2)
+        full = pending.shape[-2] // KEY_GROUP_SIZE * KEY_GROUP_SIZE
+        if full:
+            start = self.q_key.shape[-2]
+            valid = self.key_positions[:, start:start + full] >= 0
+            q_key, key_scale, key_zero = quantize_key_groups(pending[..., :full, :], KEY_GROUP_SIZE, valid)
+            self.q_key = torch.cat((self.q_key, q_key), dim=-2)
+            self.key_scale = torch.cat((self.key_scale, key_scale), dim=-2)
+            self.key_zero = torch.cat((self.key_zero, key_zero), dim=-2)
+        self.key_residual = pending[..., full:, :].clone() if full else pending
+        keys = GroupedKeys(self.q_key, self.key_scale, self.key_zero, self.key_residual, self.key_positions)
+        return keys, (self.q_value, self.value_scale, self.value_zero)
+
     def get_seq_length(self) -> int:
-        return 0 if self.q_key is None else self.q_key.shape[-2]
+        return 0 if self.q_value is None else self.q_value.shape[-2]
 
     def reset(self) -> None:
         self._clear()
@@ -104,6 +168,16 @@ class QuantizedKVLayer(DynamicLayer):
         if tokens_to_remove == 0 or self.q_key is None:
             return
         keep = max(self.get_seq_length() + tokens_to_remove, 0)
+        if self.key_layout == "channel_groups":
+            quantized = self.q_key.shape[-2]
+            if keep < quantized:
+                raise ValueError(f"cannot crop to {keep} positions: the first {quantized} keys are quantized in "
+                                 f"groups of {KEY_GROUP_SIZE}, which a crop cannot split")
+            self.key_residual = self.key_residual[..., :keep - quantized, :]
+            self.key_positions = self.key_positions[:, :keep]
+            self.q_value, self.value_scale, self.value_zero = (
+                t[..., :keep, :] for t in (self.q_value, self.value_scale, self.value_zero))
+            return
         self._set_states(t[..., :keep, :] for t in self._states())
 
     def _map_batch(self, fn) -> None:
@@ -128,14 +202,19 @@ class QuantizedKVLayer(DynamicLayer):
 
 
 class QuantizedKVCache(Cache):
-    """Cache of ``QuantizedKVLayer``; layers are created lazily, or up front from ``config.num_hidden_layers``."""
+    """Cache of ``QuantizedKVLayer``; layers are created lazily, or up front from ``config.num_hidden_layers``.
 
-    def __init__(self, bits: int = 8, granularity: str = "token", config=None, storage_dtype=None):
-        _validate(bits, granularity, storage_dtype)
-        make_layer = partial(QuantizedKVLayer, bits=bits, granularity=granularity, storage_dtype=storage_dtype)
+    ``key_layout`` None picks ``default_key_layout(bits, granularity)``."""
+
+    def __init__(self, bits: int = 8, granularity: str = "token", config=None, storage_dtype=None, key_layout=None):
+        key_layout = default_key_layout(bits, granularity) if key_layout is None else key_layout
+        _validate(bits, granularity, storage_dtype, key_layout)
+        make_layer = partial(QuantizedKVLayer, bits=bits, granularity=granularity, storage_dtype=storage_dtype,
+                             key_layout=key_layout)
         self.bits = bits
         self.granularity = granularity
         self.storage_dtype = storage_dtype
+        self.key_layout = key_layout
         num_layers = getattr(config, "num_hidden_layers", None) if config is not None else None
         if num_layers is not None:
             super().__init__(layers=[make_layer() for _ in range(num_layers)])

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcache.quantize_cache import GroupedKeys
 from kvcache.quantized_attention import cache_bits, check_mask
 
 BLOCK_M = 16
@@ -95,8 +96,11 @@ def attention_triton(query, layer_past, attn_mask=None, scale=None):
     """Fused attention of ``query`` [b, heads, q_len, head_dim] over a quantized layer; returns query's dtype.
 
     Same contract as ``kvcache.quantized_attention.attention_torch`` (additive float mask, scale default
-    1/sqrt(head_dim)). Needs CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+    1/sqrt(head_dim)). Needs CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Token key layout only
+    (``quantized_attention`` runs the ``"channel_groups"`` layout on the torch path).
     """
+    if isinstance(layer_past[0], GroupedKeys):
+        raise ValueError("the triton kernel reads the token key layout only, not channel_groups")
     bits = cache_bits(query, layer_past)
     if not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")

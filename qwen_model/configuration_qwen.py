@@ -39,6 +39,7 @@ class QWenConfig(PretrainedConfig):
         seq_length=8192,
         cache_bits=8,
         cache_granularity="token",
+        cache_key_layout=None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -69,6 +70,10 @@ class QWenConfig(PretrainedConfig):
         self.seq_length = seq_length
         self.cache_bits = cache_bits
         self.cache_granularity = cache_granularity
+        # Quantized-cache key layout: "token" (post-RoPE, one scale/zero per position, as the values) or
+        # "channel_groups" (4 bits only: pre-RoPE, per channel over groups of 64 positions, float residual);
+        # None = "channel_groups" for cache_bits=4 (token granularity), "token" otherwise.
+        self.cache_key_layout = cache_key_layout
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_qwen()
 
@@ -98,3 +103,8 @@ class QWenConfig(PretrainedConfig):
             raise ValueError(f"QWenConfig.cache_bits must be 8 or 4, got {self.cache_bits!r}")
         if self.cache_granularity not in ("token", "chunk"):
             raise ValueError(f"QWenConfig.cache_granularity must be \"token\" or \"chunk\", got {self.cache_granularity!r}")
+        if self.cache_key_layout not in (None, "token", "channel_groups"):
+            raise ValueError("QWenConfig.cache_key_layout must be null, \"token\" or \"channel_groups\", got "
+                             f"{self.cache_key_layout!r}")
+        if self.cache_key_layout == "channel_groups" and (self.cache_bits != 4 or self.cache_granularity != "token"):
+            raise ValueError("QWenConfig.cache_key_layout \"channel_groups\" needs cache_bits=4 and token granularity")

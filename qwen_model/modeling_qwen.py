@@ -20,9 +20,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from kvcache.quantize_cache import quantize_cache_v
 from kvcache.quantized_attention import quantized_attention
-from kvcache.quantized_cache import QuantizedKVCache
+from kvcache.quantized_cache import QuantizedKVCache, QuantizedKVLayer
+from kvcache.rotary import apply_rotary_pos_emb, cos_sin_at, rotary_inv_freq
 
 from .configuration_qwen import QWenConfig
 from .qwen_generation_utils import DEFAULT_SYSTEM, decode_tokens, get_stop_words_ids, make_context
@@ -47,23 +47,10 @@ def ntk_alpha(true_seq_len: int, seq_length: int) -> float:
     return max(2 ** math.ceil(context_value) - 1, 1)
 
 
-def rotary_cos_sin(position_ids, alphas, dim, base):
-    """cos/sin `[b, 1, s, dim]` for each sample's positions and NTK factor (fp32, as the original computes them)."""
-    exponent = torch.arange(0, dim, 2, device=position_ids.device).float() / dim
-    scaled_base = torch.tensor([base * a ** (dim / (dim - 2)) for a in alphas], device=position_ids.device)
-    inv_freq = 1.0 / (scaled_base[:, None] ** exponent[None, :])  # [b or 1, dim/2]
-    freqs = position_ids.float()[:, :, None] * inv_freq[:, None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos(), emb.sin()
-
-
-def apply_rotary_pos_emb(t, cos, sin):
-    """Rotate the first `cos.shape[-1]` channels of `t` `[b, h, s, d]` (NeoX halves), in fp32."""
-    rot_dim = cos.shape[-1]
-    t_, t_pass = t[..., :rot_dim].float(), t[..., rot_dim:]
-    x1, x2 = t_.chunk(2, dim=-1)
-    t_ = t_ * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((t_.type_as(t), t_pass), dim=-1)
+def _new_quantized_cache(config: QWenConfig) -> QuantizedKVCache:
+    """The cache that `use_cache_quantization` asks for (bits, granularity and key layout from the config)."""
+    return QuantizedKVCache(bits=config.cache_bits, granularity=config.cache_granularity,
+                            key_layout=config.cache_key_layout)
 
 
 class RMSNorm(nn.Module):
@@ -95,22 +82,31 @@ class QWenAttention(nn.Module):
             [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 
     def forward(self, hidden_states, rotary_pos_emb, attention_mask=None, cache=None, logn_scale=None):
+        """`rotary_pos_emb` is `(cos, sin, inv_freq, key_positions)` from `QWenModel.forward`; the last two let a
+        quantized cache keep keys before the rotary (its `"channel_groups"` layout) and rotate them when read."""
         b, s, _ = hidden_states.shape
         query, key, value = self.c_attn(hidden_states).split(self.projection_size, dim=2)
         query, key, value = (t.view(b, s, self.num_heads, -1).transpose(1, 2) for t in (query, key, value))
-        cos, sin = rotary_pos_emb
+        cos, sin, inv_freq, key_positions = rotary_pos_emb
         query = apply_rotary_pos_emb(query, cos, sin)
-        key = apply_rotary_pos_emb(key, cos, sin)
+        raw_key, key = key, apply_rotary_pos_emb(key, cos, sin)
         if logn_scale is not None:
             query = query * logn_scale.type_as(query)
         scale = 1.0 / math.sqrt(value.shape[-1]) if self.scale_attn_weights else 1.0
 
         quantized = isinstance(cache, QuantizedKVCache) or (cache is None and self.config.use_cache_quantization)
-        # The one place where the KV cache is stored and read.
-        if cache is not None:
+        # The one place where the KV cache is stored and read (without a cache, a quantized model still attends
+        # over a one-off quantized layer, as the original did).
+        if quantized:
+            store = cache if cache is not None else QuantizedKVLayer(
+                bits=self.config.cache_bits, granularity=self.config.cache_granularity,
+                key_layout=self.config.cache_key_layout)
+            pre_rope = store.key_layout == "channel_groups"
+            cache_kwargs = {"positions": key_positions}
+            layer_past = (cache.update(raw_key if pre_rope else key, value, self.layer_idx, cache_kwargs)
+                          if cache is not None else store.update(raw_key if pre_rope else key, value, cache_kwargs))
+        elif cache is not None:
             layer_past = cache.update(key, value, self.layer_idx)
-        elif quantized:
-            layer_past = tuple(self._quantize_chunk(t) for t in (key, value))
         else:
             layer_past = (key, value)
 
@@ -119,7 +115,8 @@ class QWenAttention(nn.Module):
             # A prefill chunk attends to its own keys/values in full precision and to earlier ones through the
             # quantized cache; "chunk" granularity keeps the original release's all-quantized arithmetic.
             fresh = (key, value) if s > 1 and self.config.cache_granularity == "token" else None
-            out = quantized_attention(query, layer_past, attention_mask, scale, backend=backend, fresh=fresh)
+            out = quantized_attention(query, layer_past, attention_mask, scale, backend=backend, fresh=fresh,
+                                      inv_freq=inv_freq)
         else:
             k, v = layer_past
             with sdpa_kernel(self.sdpa_backends):
@@ -130,12 +127,6 @@ class QWenAttention(nn.Module):
                 )
         out = out.transpose(1, 2).reshape(b, s, self.projection_size)
         return self.c_proj(out)
-
-    def _quantize_chunk(self, t):
-        bits = self.config.cache_bits
-        qmax = torch.tensor(2**bits - 1, device=t.device)
-        qmin = torch.tensor(0, device=t.device)
-        return quantize_cache_v(t, bits, qmax, qmin, granularity=self.config.cache_granularity)
 
 
 class QWenMLP(nn.Module):
@@ -245,8 +236,7 @@ class QWenModel(QWenPreTrainedModel):
         b, q_len = inputs_embeds.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
-            cache = QuantizedKVCache(bits=self.config.cache_bits, granularity=self.config.cache_granularity) \
-                if self.config.use_cache_quantization else DynamicCache()
+            cache = _new_quantized_cache(self.config) if self.config.use_cache_quantization else DynamicCache()
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__} (tuples are not supported)")
         if self.config.use_cache_quantization and cache is not None and not isinstance(cache, QuantizedKVCache):
@@ -264,7 +254,10 @@ class QWenModel(QWenPreTrainedModel):
                 position_ids = torch.arange(past_len, kv_len, device=inputs_embeds.device)[None].expand(b, -1)
 
         alphas = self._ntk_alphas(cache, attention_mask, past_len, kv_len, b)
-        rotary = rotary_cos_sin(position_ids, alphas, self.rotary_ndims, self.config.rotary_emb_base)
+        inv_freq = rotary_inv_freq(alphas, self.rotary_ndims, self.config.rotary_emb_base, device=position_ids.device)
+        key_positions = position_ids if attention_mask is None else \
+            position_ids.masked_fill(attention_mask[:, -q_len:] == 0, -1)  # -1: padding (for the quantized cache)
+        rotary = (*cos_sin_at(position_ids, inv_freq), inv_freq, key_positions)
         logn_scale = None
         if self.config.use_logn_attn and not self.training and int(position_ids.max()) + 1 > self.config.seq_length:
             pos = position_ids.double() + 1
@@ -359,8 +352,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         """Give `generate()` the quantized cache when `use_cache_quantization` is on."""
         if (self.config.use_cache_quantization and model_kwargs.get("cache") is None
                 and generation_config.use_cache is not False):
-            model_kwargs["cache"] = QuantizedKVCache(bits=self.config.cache_bits,
-                                                     granularity=self.config.cache_granularity)
+            model_kwargs["cache"] = _new_quantized_cache(self.config)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
