@@ -1,6 +1,7 @@
 """KV-cache bytes of Qwen-7B with and without cache quantization, counted exactly on real caches.
 
-For every (batch, seq) cell, a ``QuantizedKVCache`` (int8 and 4-bit, token granularity) and a ``DynamicCache`` (bf16)
+For every (batch, seq) cell, a ``QuantizedKVCache`` (int8; 4-bit with its default ``channel_groups`` keys, whose
+float residual is empty at these lengths, multiples of 64) and a ``DynamicCache`` (bf16)
 are filled through ``update()`` with random Qwen-7B-shaped K/V (32 layers x 32 heads x head_dim 128, bf16: one
 prefill plus a few single-token decode steps) and measured with ``cache_nbytes``. Cells too large for this machine
 are filled with fewer layers and/or a smaller batch (a divisor of the real one) and scaled up exactly: every layer

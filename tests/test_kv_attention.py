@@ -13,7 +13,7 @@ def _layer(bits, b=2, h=3, kv=9, d=16, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(b, h, kv, d, generator=g).to(dtype)
     v = torch.randn(b, h, kv, d, generator=g).to(dtype)
-    return QuantizedKVCache(bits=bits).update(k, v, 0), k, v
+    return QuantizedKVCache(bits=bits, key_layout="token").update(k, v, 0), k, v
 
 
 def _float_attention(q, k, v, mask, scale):

@@ -26,7 +26,7 @@ def _fill(cache, layers=2, steps=(5, 1, 1), b=2, dtype=torch.float32, d=8):
 
 @pytest.mark.parametrize("bits", (8, 4))
 def test_update_returns_whole_quantized_layer(bits):
-    cache = QuantizedKVCache(bits=bits)
+    cache = QuantizedKVCache(bits=bits, key_layout="token")
     fed = _fill(cache, steps=(5, 1, 2))
     k, v = _states(s=1, seed=999)
     (qk, ks, kz), (qv, vs, vz) = cache.update(k, v, 1)
@@ -69,8 +69,8 @@ def test_seq_length_and_mask_sizes():
 
 
 def test_crop_restores_earlier_state():
-    cache = QuantizedKVCache(bits=4)
-    reference = QuantizedKVCache(bits=4)
+    cache = QuantizedKVCache(bits=4, key_layout="token")
+    reference = QuantizedKVCache(bits=4, key_layout="token")
     _fill(cache, steps=(5, 1, 1))
     _fill(reference, steps=(5,))
     assert cache.is_croppable
@@ -121,7 +121,7 @@ def test_config_preallocates_layers():
 def test_cache_nbytes_exact(bits):
     b, h, s, d = 2, 3, 7, 8
     dtype = torch.bfloat16
-    qcache, dcache = QuantizedKVCache(bits=bits), DynamicCache()
+    qcache, dcache = QuantizedKVCache(bits=bits, key_layout="token"), DynamicCache()
     _fill(qcache, layers=2, steps=(6, 1), b=b, dtype=dtype, d=d)
     _fill(dcache, layers=2, steps=(6, 1), b=b, dtype=dtype, d=d)
     per_token = (d if bits == 8 else d // 2) + 2 * 2  # uint8 payload + bf16 scale + bf16 zero

@@ -22,7 +22,7 @@ def _layer(bits, b=2, h=3, kv=300, d=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(b, h, kv, d, generator=g).half().cuda()
     v = torch.randn(b, h, kv, d, generator=g).half().cuda()
-    return QuantizedKVCache(bits=bits).update(k, v, 0)
+    return QuantizedKVCache(bits=bits, key_layout="token").update(k, v, 0)
 
 
 @pytest.mark.parametrize("bits", (8, 4))

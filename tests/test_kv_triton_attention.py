@@ -20,7 +20,7 @@ NEG = torch.finfo(torch.float32).min
 
 def _layer(bits, b, h, kv, d, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    cache = QuantizedKVCache(bits=bits)
+    cache = QuantizedKVCache(bits=bits, key_layout="token")
     split = max(kv - 2, 1)  # prefill + decode-style appends, as the model fills it
     k = torch.randn(b, h, kv, d, generator=g).to(dtype).to(DEVICE)
     v = torch.randn(b, h, kv, d, generator=g).to(dtype).to(DEVICE)
