@@ -8,7 +8,8 @@ as the converter repeats SmolLM2's 3 into 9; the peer's Llama keeps 3, so only r
 
 Rows:
 * ours-*: ``QWenLMHeadModel`` with ``QuantizedKVCache`` (token granularity; fp16 = ``storage_dtype=float16``; chunk =
-  the original Qwen arithmetic). A chunk attends to its own keys/values in full precision and to earlier chunks
+  the original Qwen arithmetic). int4 rows use the default 4-bit key layout (pre-RoPE keys per channel over groups of
+  64 positions); int4-token = the earlier layout (post-RoPE keys, one scale and zero per token). A chunk attends to its own keys/values in full precision and to earlier chunks
   through the quantized cache; the chunk rows keep the original all-quantized arithmetic.
 * peer-*: the same weights as ``LlamaForCausalLM`` (c_attn split, the repeated KV heads folded back to 3) with
   ``DynamicCache`` and ``QuantizedCache`` (quanto int4 / hqq int8, q_group_size 64, residual 128). The peer's cache
@@ -45,7 +46,8 @@ from quantize.evaluate import chunked_perplexity  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 CTX, CHUNK, WINDOWS = 1024, 128, 4
 PEER_PUBLISHED = {"peer-float": 23.237, "peer-quanto-int4": 23.417, "peer-hqq-int8": 23.290}
-ROWS = ("peer-float", "peer-quanto-int4", "peer-hqq-int8", "ours-int8-fp16", "ours-int4-fp16", "ours-int8", "ours-int4",
+ROWS = ("peer-float", "peer-quanto-int4", "peer-hqq-int8", "ours-int8-fp16", "ours-int4-fp16", "ours-int4-token-fp16",
+        "ours-int8", "ours-int4",
         "ours-float", "sim-int4-own-float", "sim-int4-kivi-own-float", "sim-int4-minmax", "sim-int4-minmax-own-float",
         "sim-int4-kivi-minmax-own-float", "sim-int4-g32-own-float", "sim-int4-g32-minmax-own-float", "ours-chunk-int8")
 PERPLEXITY_FREE = ("ours-int8", "ours-int4")  # same numbers as the -fp16 rows up to fp16 rounding: bytes only
@@ -209,6 +211,7 @@ def make_row(name: str, model_dir: Path, models: dict):
         "ours-int8-fp16": lambda: QuantizedKVCache(bits=8, storage_dtype=torch.float16),
         "ours-int4": lambda: QuantizedKVCache(bits=4),
         "ours-int4-fp16": lambda: QuantizedKVCache(bits=4, storage_dtype=torch.float16),
+        "ours-int4-token-fp16": lambda: QuantizedKVCache(bits=4, storage_dtype=torch.float16, key_layout="token"),
         "ours-chunk-int8": lambda: QuantizedKVCache(bits=8, granularity="chunk"),
         "sim-int4-own-float": lambda: SimulatedCache(4, key_dim=-1),
         "sim-int4-kivi-own-float": lambda: SimulatedCache(4, key_dim=-2),

@@ -6,8 +6,9 @@ so every chunk after the first attends to quantized keys/values of the earlier c
 precision). The same protocol with a float cache is the reference. The full benchmark
 (4 windows, the peer's protocol) is ``benchmarks/kv_quality.py``.
 
-Bounds: int8 at most +0.5% (measured +0.01%). 4-bit at most +3% (measured +1.93% on this single window; the
-4-window figure is in benchmarks/RESULTS.md).
+Bounds: int8 at most +0.5% (measured +0.01%). 4-bit (default layout: pre-RoPE keys in per-channel groups of 64
+positions) at most +1.5% (measured +0.87% on this single window; the earlier per-token 4-bit keys measured +1.93%
+under the old +3% bound; the 4-window figure is in benchmarks/RESULTS.md).
 """
 from pathlib import Path
 
@@ -58,4 +59,4 @@ def test_int8_cache_costs_at_most_half_a_percent(scores):
 def test_4bit_cache_figure(scores):
     increase = scores[4] / scores["float"] - 1
     print(f"4-bit cache: perplexity {scores[4]:.4f} vs float {scores['float']:.4f} ({100 * increase:+.2f}%)")
-    assert scores[8] < scores[4] <= scores["float"] * 1.03
+    assert scores[8] < scores[4] <= scores["float"] * 1.015
