@@ -63,6 +63,7 @@ def main():
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--no-group-aware", action="store_true")
+    p.add_argument("--no-scale-search", action="store_true", help="plain min/max group grids (the reference's)")
     p.add_argument("--skip-rtn", action="store_true", help="skip the in-memory RTN baseline")
     p.add_argument("--rtn-checkpoint", action="store_true",
                    help="also write an RTN checkpoint (float16 scales, as the format stores them) and score it")
@@ -88,7 +89,8 @@ def main():
             for method in methods:
                 out = Path(work) / f"{name}-{method}"
                 settings = QuantizeSettings(bits=bits, group_size=gs, damp_percent=args.damp, method=method,
-                                            act_group_aware=not args.no_group_aware)
+                                            act_group_aware=not args.no_group_aware,
+                                            scale_search=not args.no_scale_search)
                 t0, c0 = time.time(), time.process_time()
                 quantize_checkpoint(model_dir, out, settings,
                                     calib=str(SHARED / "data" / "calib_c4_smollm2_128x512.json"),

@@ -34,6 +34,9 @@ def build_parser(bits: int) -> argparse.ArgumentParser:
     p.add_argument("--no-group-aware", action="store_true",
                    help="plain column order instead of the default group-aware reordering (which keeps g_idx "
                         "contiguous, so the checkpoint stays desc_act=false)")
+    p.add_argument("--no-scale-search", action="store_true",
+                   help="each group's grid spans its min/max, as the reference GPTQ does, instead of the default "
+                        "range search that clips extremes where that lowers the GPTQ objective")
     p.add_argument("--no-sym", action="store_true",
                    help="asymmetric quantization (zero points stored in the gptq_v2 convention)")
     p.add_argument("--no-true-sequential", action="store_true",
@@ -106,7 +109,8 @@ def main(bits: int, argv=None) -> int:
     settings = QuantizeSettings(bits=bits, group_size=args.group_size, damp_percent=args.damp,
                                 desc_act=args.desc_act, static_groups=args.static_groups, sym=not args.no_sym,
                                 true_sequential=not args.no_true_sequential,
-                                act_group_aware=not args.no_group_aware, method=args.method)
+                                act_group_aware=not args.no_group_aware, scale_search=not args.no_scale_search,
+                                method=args.method)
     try:
         with tempfile.TemporaryDirectory() as work:
             model_dir = resolve_model(args.model, Path(work))

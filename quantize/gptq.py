@@ -15,7 +15,9 @@ inside each group and groups sorted by their largest diagonal entry, so every gr
 g_idx[i] = i // group_size still holds).
 
 A group's grid (scale, zero) is found when its first column comes up, on the group's columns as updated by every
-column quantized before it (the reference does the same when groups and its 128-column blocks line up).
+column quantized before it (the reference does the same when groups and its 128-column blocks line up). By default
+the grid's range is searched (clipping the extremes) to minimise the group's share of the GPTQ objective, with each
+column weighted as the objective weights it; the reference uses the plain min/max range.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import math
 import torch
 
 from .quantizer import (QuantizedWeight, check_bits, check_group_size, find_params, quantize,
-                        round_scale_fp16)
+                        round_scale_fp16, search_params)
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +139,14 @@ def _group_weight(Wt, W1, R, Vn, dV, p, e, b0, b1) -> torch.Tensor:
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, sym: bool = True,
                   damp_percent: float = 0.01, desc_act: bool = False, static_groups: bool = False,
-                  act_group_aware: bool = True, blocksize: int = 128) -> QuantizedWeight:
+                  act_group_aware: bool = True, scale_search: bool = True, blocksize: int = 128) -> QuantizedWeight:
     """Quantize W [out, in] with GPTQ against Hessian H [in, in]; runs on W's device in float32.
 
     group_size -1 means one group per row; a group size that does not divide in_features gives a partial last
     group. desc_act takes precedence over act_group_aware. static_groups computes every group's grid up front on
-    the unreordered weight. Scales are rounded to float16-representable values before use.
+    the unreordered weight. scale_search picks each group's grid with search_params, scoring candidates by this
+    objective's per-column weights (V[j, j]^2); otherwise min/max. Scales are rounded to float16-representable values
+    before use.
     """
     maxq = check_bits(bits)
     if W.dim() != 2:
@@ -183,17 +187,24 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     Wt = W.t()[perm].to(torch.float32).contiguous()  # [in, out]: permuted columns as contiguous rows
     if bool(dead.any()):
         Wt[dead[perm]] = 0
+    V, damp = upper_factor(H, perm, damp_percent)
+    dV = torch.diagonal(V).clone()
+    Vn = V.div_(dV)  # Vn[i, j] = V[i, j] / V[j, j]
+
+    def grid(x, positions):
+        if scale_search:
+            s, z = search_params(x.t(), bits, sym, weight=dV[positions] ** 2)
+        else:
+            s, z = find_params(x.t(), bits, sym)
+        return round_scale_fp16(s), z
+
     scales = torch.zeros(n_groups, out_features, dtype=torch.float32, device=device)
     zeros = torch.zeros(n_groups, out_features, dtype=torch.float32, device=device)
     if static_groups:
         position_of = torch.argsort(perm)
         for g in range(n_groups):
-            s, z = find_params(Wt[position_of[g * gs:(g + 1) * gs]].t(), bits, sym)
-            scales[g], zeros[g] = round_scale_fp16(s), z
-
-    V, damp = upper_factor(H, perm, damp_percent)
-    dV = torch.diagonal(V).clone()
-    Vn = V.div_(dV)  # Vn[i, j] = V[i, j] / V[j, j]
+            positions = position_of[g * gs:(g + 1) * gs]
+            scales[g], zeros[g] = grid(Wt[positions], positions)
 
     positions_group = group_of_position.tolist()
     runs: list[tuple[int, int]] = []
@@ -219,9 +230,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
                 j = p - b0
                 g = positions_group[p]
                 if not static_groups and p in run_ends:
-                    x = _group_weight(Wt, W1, R, Vn, dV, p, run_ends[p], b0, b1)
-                    s, z = find_params(x.t(), bits, sym)
-                    scales[g], zeros[g] = round_scale_fp16(s), z
+                    e = run_ends[p]
+                    scales[g], zeros[g] = grid(_group_weight(Wt, W1, R, Vn, dV, p, e, b0, b1), slice(p, e))
                 q, C1[j] = quantize(W1[j], scales[g], zeros[g], maxq)
                 torch.sub(Wt[p], q, out=R[p])
                 if p + 1 < s1:

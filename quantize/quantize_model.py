@@ -32,7 +32,8 @@ BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 
 @dataclass
 class QuantizeSettings:
-    """What to quantize to; defaults follow the original Qwen GPTQ recipe (plus group-aware column order)."""
+    """What to quantize to; defaults follow the original Qwen GPTQ recipe (plus group-aware column order and the
+    objective-weighted range search of each group's grid)."""
 
     bits: int = 4
     group_size: int = 128
@@ -42,6 +43,7 @@ class QuantizeSettings:
     sym: bool = True
     true_sequential: bool = True
     act_group_aware: bool = True
+    scale_search: bool = True
     method: str = "gptq"
 
     def validate(self, in_features: int) -> None:
@@ -218,7 +220,8 @@ def _quantize_layer(linear, H, s: QuantizeSettings):
     if s.method == "rtn":
         return rtn_quantize(W, s.bits, s.group_size, s.sym, fp16_scales=True)
     return gptq_quantize(W, H, s.bits, s.group_size, sym=s.sym, damp_percent=s.damp_percent,
-                         desc_act=s.desc_act, static_groups=s.static_groups, act_group_aware=s.act_group_aware)
+                         desc_act=s.desc_act, static_groups=s.static_groups, act_group_aware=s.act_group_aware,
+                         scale_search=s.scale_search)
 
 
 def _quantize_layers(block, names, hessians, settings: QuantizeSettings, fmt, prefix, device, dtype) -> dict:
@@ -288,6 +291,7 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
                                model_name_or_path=model_name or str(model_dir), model_file_base_name="model",
                                checkpoint_format=fmt)
         qcfg["act_group_aware"] = settings.act_group_aware and not settings.desc_act
+        qcfg["scale_search"] = settings.scale_search and settings.method == "gptq"
         qcfg["method"] = settings.method
         logger.info("quantized %d blocks in %.1fs; settings %s", config.num_hidden_layers, time.time() - start,
                     asdict(settings))

@@ -59,27 +59,70 @@ def num_groups(in_features: int, group_size: int) -> int:
     return math.ceil(in_features / check_group_size(group_size, in_features))
 
 
-def find_params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point for every row of x (reduced over the last dim), as float32 tensors.
-
-    A row that is all zeros gets the grid of [-1, 1] so that its scale is never 0.
-    """
-    maxq = check_bits(bits)
-    x = x.to(torch.float32)
+def _range(x: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row [xmin, xmax] of the grid: always containing 0, symmetric for sym, [-1, 1] for an all-zero row."""
     xmin = x.amin(dim=-1).clamp(max=0)
     xmax = x.amax(dim=-1).clamp(min=0)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
     empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
-    xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
+    return torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
+
+
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (xmax - xmin) / maxq
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) / 2)
-    else:
-        zero = torch.round(-xmin / scale)
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
     return scale, zero
+
+
+def find_params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for every row of x (reduced over the last dim), as float32 tensors.
+
+    A row that is all zeros gets the grid of [-1, 1] so that its scale is never 0.
+    """
+    maxq = check_bits(bits)
+    return _grid(*_range(x.to(torch.float32), sym), maxq, sym)
+
+
+SHRINK_COARSE = tuple(1 - 0.05 * i for i in range(16))  # 1.00, 0.95, ..., 0.25
+SHRINK_FINE = (-0.04, -0.03, -0.02, -0.01, 0.01, 0.02, 0.03, 0.04)
+
+
+def search_params(x: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like find_params, but each row's range is shrunk by the factor that minimises sum_j weight_j (q(x_j) - x_j)^2.
+
+    Clipping a few extreme values buys a finer grid for all the others; at 3-4 bits that usually pays. Factors
+    1.00, 0.95, ..., 0.25 are tried, then steps of 0.01 around each row's best. Scales are rounded to float16 before
+    they are scored, as the checkpoint stores them. GPTQ passes the per-column weights of its own objective.
+    """
+    maxq = check_bits(bits)
+    x = x.to(torch.float32)
+    w = torch.ones(x.shape[-1], device=x.device) if weight is None else weight.to(x.device, torch.float32)
+    xmin, xmax = _range(x, sym)
+
+    def score(shrink: torch.Tensor):
+        scale, zero = _grid(xmin * shrink, xmax * shrink, maxq, sym)
+        scale = round_scale_fp16(scale)
+        q, _ = quantize(x, scale.unsqueeze(-1), zero.unsqueeze(-1), maxq)
+        return ((q - x).square_() * w).sum(-1), scale, zero
+
+    best_err, best_scale, best_zero = score(torch.ones_like(xmax))
+    best_shrink = torch.ones_like(xmax)
+    candidates = [torch.full_like(xmax, f) for f in SHRINK_COARSE[1:]]
+    for stage in range(2):
+        for shrink in candidates:
+            err, scale, zero = score(shrink)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+            best_shrink = torch.where(better, shrink, best_shrink)
+        if stage == 0:
+            centre = best_shrink
+            candidates = [(centre + d).clamp(0.05, 1.0) for d in SHRINK_FINE]
+    return best_scale, best_zero
 
 
 def round_scale_fp16(scale: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,7 @@ def test_matches_reference(out, n, gs, bits, sym, order, static):
     H, _ = accumulate_hessian(None, 0, correlated_inputs(n))
     W = torch.randn(out, n)
     res = gptq_quantize(W, H, bits, gs, sym, damp_percent=0.01, desc_act=order == "desc",
-                        static_groups=static, act_group_aware=order == "gar", blocksize=32)
+                        static_groups=static, act_group_aware=order == "gar", scale_search=False, blocksize=32)
     ref, ref_g_idx, ref_loss = reference_gptq(W, H, bits, gs, sym, 0.01, order, static)
     assert res.loss == pytest.approx(ref_loss, rel=0.02)
     assert torch.equal(res.g_idx.long(), ref_g_idx)
@@ -128,6 +128,33 @@ def test_beats_rtn_on_layer_output():
         res = gptq_quantize(W, H, 4, 32, desc_act=order == "desc", act_group_aware=order == "gar")
         err = (X @ (W - res.weight).t()).norm()
         assert err < (0.9 if order == "natural" else 0.8) * err_rtn, order
+
+
+@pytest.mark.parametrize("out,n,gs,bits,sym,order,static", CASES)
+def test_scale_search_lowers_the_objective(out, n, gs, bits, sym, order, static):
+    torch.manual_seed(1)
+    H, _ = accumulate_hessian(None, 0, correlated_inputs(n))
+    W = torch.distributions.StudentT(3.0).sample((out, n))  # heavy tails: clipping extremes can pay
+    kw = dict(damp_percent=0.01, desc_act=order == "desc", static_groups=static, act_group_aware=order == "gar")
+    plain = gptq_quantize(W, H, bits, gs, sym, scale_search=False, **kw)
+    searched = gptq_quantize(W, H, bits, gs, sym, **kw)
+    assert searched.loss <= plain.loss * 1.02
+    assert torch.equal(searched.g_idx, plain.g_idx)
+    g = searched.g_idx.long()
+    deq = (searched.codes.float() - searched.zeros[g].t().float()) * searched.scales[g].t()
+    assert torch.allclose(deq, searched.weight, atol=1e-6)
+    assert torch.equal(searched.scales, searched.scales.half().float())
+
+
+def test_scale_search_clips_outliers_at_low_bits():
+    torch.manual_seed(0)
+    n = 256
+    H, _ = accumulate_hessian(None, 0, correlated_inputs(n))
+    W = torch.distributions.StudentT(3.0).sample((64, n))
+    plain = gptq_quantize(W, H, 3, 64, scale_search=False)
+    searched = gptq_quantize(W, H, 3, 64)
+    assert searched.loss < 0.9 * plain.loss
+    assert (searched.scales < plain.scales).float().mean() > 0.5
 
 
 def test_group_aware_keeps_groups_contiguous():
