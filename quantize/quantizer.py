@@ -95,18 +95,23 @@ def search_params(x: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | 
 
     Clipping a few extreme values buys a finer grid for all the others; at 3-4 bits that usually pays. Factors
     1.00, 0.95, ..., 0.25 are tried, then steps of 0.01 around each row's best. Scales are rounded to float16 before
-    they are scored, as the checkpoint stores them. GPTQ passes the per-column weights of its own objective.
+    they are scored, as the checkpoint stores them; the coarse scan stops at the first factor that improves no row.
+    GPTQ passes the per-column weights of its own objective.
     """
     maxq = check_bits(bits)
-    x = x.to(torch.float32)
+    x = x.to(torch.float32).contiguous()
     w = torch.ones(x.shape[-1], device=x.device) if weight is None else weight.to(x.device, torch.float32)
     xmin, xmax = _range(x, sym)
+    t, r = torch.empty_like(x), torch.empty_like(x)  # reused: fresh temporaries would cost more than the math
 
     def score(shrink: torch.Tensor):
+        # the zero point is an integer, so q - x = scale * (clamp(round(x / scale), -zero, maxq - zero) - x / scale)
         scale, zero = _grid(xmin * shrink, xmax * shrink, maxq, sym)
         scale = round_scale_fp16(scale)
-        q, _ = quantize(x, scale.unsqueeze(-1), zero.unsqueeze(-1), maxq)
-        return ((q - x).square_() * w).sum(-1), scale, zero
+        torch.div(x, scale.unsqueeze(-1), out=t)
+        torch.round(t, out=r)
+        r.clamp_(min=-zero.unsqueeze(-1), max=maxq - zero.unsqueeze(-1)).sub_(t).square_()
+        return (r @ w) * scale.square(), scale, zero
 
     best_err, best_scale, best_zero = score(torch.ones_like(xmax))
     best_shrink = torch.ones_like(xmax)
@@ -115,13 +120,14 @@ def search_params(x: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | 
         for shrink in candidates:
             err, scale, zero = score(shrink)
             better = err < best_err
+            if stage == 0 and not bool(better.any()):
+                break  # every row is past its best range: smaller ones only clip more
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)
             best_zero = torch.where(better, zero, best_zero)
             best_shrink = torch.where(better, shrink, best_shrink)
         if stage == 0:
-            centre = best_shrink
-            candidates = [(centre + d).clamp(0.05, 1.0) for d in SHRINK_FINE]
+            candidates = [(best_shrink + d).clamp(0.05, 1.0) for d in SHRINK_FINE]
     return best_scale, best_zero
 
 
