@@ -95,7 +95,7 @@ def search_params(x: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | 
 
     Clipping a few extreme values buys a finer grid for all the others; at 3-4 bits that usually pays. Factors
     1.00, 0.95, ..., 0.25 are tried, then steps of 0.01 around each row's best. Scales are rounded to float16 before
-    they are scored, as the checkpoint stores them; the coarse scan stops at the first factor that improves no row.
+    they are scored, as the checkpoint stores them; the coarse scan stops after two factors in a row improve no row.
     GPTQ passes the per-column weights of its own objective.
     """
     maxq = check_bits(bits)
@@ -117,10 +117,12 @@ def search_params(x: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | 
     best_shrink = torch.ones_like(xmax)
     candidates = [torch.full_like(xmax, f) for f in SHRINK_COARSE[1:]]
     for stage in range(2):
+        misses = 0
         for shrink in candidates:
             err, scale, zero = score(shrink)
             better = err < best_err
-            if stage == 0 and not bool(better.any()):
+            misses = 0 if bool(better.any()) else misses + 1
+            if stage == 0 and misses == 2:
                 break  # every row is past its best range: smaller ones only clip more
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)
