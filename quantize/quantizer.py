@@ -110,7 +110,12 @@ def search_params(x: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | 
         scale = round_scale_fp16(scale)
         torch.div(x, scale.unsqueeze(-1), out=t)
         torch.round(t, out=r)
-        r.clamp_(min=-zero.unsqueeze(-1), max=maxq - zero.unsqueeze(-1)).sub_(t).square_()
+        if sym:  # one zero point for every row: scalar bounds are far faster than per-row tensor bounds
+            half = (maxq + 1) // 2
+            r.clamp_(-half, maxq - half)
+        else:
+            r.add_(zero.unsqueeze(-1)).clamp_(0, maxq).sub_(zero.unsqueeze(-1))
+        r.sub_(t).square_()
         return (r @ w) * scale.square(), scale, zero
 
     best_err, best_scale, best_zero = score(torch.ones_like(xmax))
