@@ -21,7 +21,7 @@ from kvcache.rotary import apply_rotary_pos_emb, cos_sin_at
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
-_fallback_logged = False
+_cuda_grouped_logged = False
 
 
 def _check_grouped(query: torch.Tensor, keys: GroupedKeys, values) -> None:
@@ -127,7 +127,7 @@ def attention_torch(query, layer_past, attn_mask=None, scale=None, softmax_in_fp
 def attention_cuda_kernels(kernels, query, layer_past, attn_mask=None, scale=None):
     """Scores and weighted sum through the compiled fp16 cache kernels; mask and softmax (fp32) in torch.
 
-    Token key layout only (``quantized_attention`` runs the ``"channel_groups"`` layout on the torch path)."""
+    Token key layout only (``quantized_attention`` sends the ``"channel_groups"`` layout elsewhere)."""
     if isinstance(layer_past[0], GroupedKeys):
         raise ValueError("the CUDA cache kernels read the token key layout only, not channel_groups")
     bits = cache_bits(query, layer_past)
@@ -162,27 +162,38 @@ def _triton_usable(query: torch.Tensor) -> bool:
     return True
 
 
+def _attention_grouped(query, layer_past, attn_mask, scale, backend, inv_freq):
+    """The ``"channel_groups"`` key layout, which the CUDA kernels cannot read: the Triton kernel or torch."""
+    global _cuda_grouped_logged
+    if backend == "cuda" and not _cuda_grouped_logged:
+        _cuda_grouped_logged = True
+        logger.warning("the CUDA cache kernels read the token key layout only; channel_groups uses the Triton kernel "
+                       "(torch where Triton cannot run)")
+    if backend == "triton" or _triton_usable(query):
+        from kvcache.triton_attention import attention_triton
+
+        return attention_triton(query, layer_past, attn_mask, scale, inv_freq=inv_freq)
+    return attention_torch(query, layer_past, attn_mask, scale, inv_freq=inv_freq)
+
+
 def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fresh=None, inv_freq=None):
     """Attention over a quantized layer with the chosen backend.
 
     With ``fresh`` (the current chunk's float key/value, see ``attention_torch``) the torch path runs whatever the
-    backend: the fused kernels read every position from the quantized cache. The ``"channel_groups"`` key layout
-    (which needs ``inv_freq``) also runs on the torch path: neither kernel reads it yet (logged once).
+    backend: the fused kernels read every position from the quantized cache.
 
     "auto" picks the compiled CUDA kernels when they are already loaded in this process (see
     ``kvcache.cpp_kernels.load_cache_kernels``) and the tensors are on CUDA, else the fused Triton kernel on CUDA,
-    else the torch reference. "cuda" builds/loads the kernels on demand and falls back to torch if that fails.
+    else the torch reference. "cuda" builds/loads the kernels on demand and falls back to torch if that fails. The
+    CUDA kernels do not read the ``"channel_groups"`` key layout (which needs ``inv_freq``): it goes to the Triton
+    kernel ("triton", or "auto"/"cuda" on CUDA with Triton installed; "cuda" logs that once), else to torch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or fresh is not None:
         return attention_torch(query, layer_past, attn_mask, scale, fresh=fresh, inv_freq=inv_freq)
     if isinstance(layer_past[0], GroupedKeys):
-        global _fallback_logged
-        if not _fallback_logged:
-            _fallback_logged = True
-            logger.warning("the channel_groups key layout has no %s kernel yet; using the torch reference", backend)
-        return attention_torch(query, layer_past, attn_mask, scale, inv_freq=inv_freq)
+        return _attention_grouped(query, layer_past, attn_mask, scale, backend, inv_freq)
     if backend == "triton":
         from kvcache.triton_attention import attention_triton
 
