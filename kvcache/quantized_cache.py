@@ -129,17 +129,16 @@ class QuantizedKVLayer(DynamicLayer):
         positions = positions.to(device=key_states.device, dtype=torch.int32)
         if self.storage_dtype is not None:
             key_states = key_states.to(self.storage_dtype)
-        q_value, value_scale, value_zero = self._quantize(value_states)
+        values = self._quantize(value_states)
         if self.q_key is None:
             empty = key_states.new_zeros(b, heads, 0, d)
             self.q_key = torch.zeros(b, heads, 0, d // 2, dtype=torch.uint8, device=key_states.device)
             self.key_scale, self.key_zero, self.key_residual = empty, empty, empty
             self.key_positions = positions[:, :0]
-            self.q_value, self.value_scale, self.value_zero = q_value, value_scale, value_zero
         else:
-            self.q_value = torch.cat((self.q_value, q_value), dim=-2)
-            self.value_scale = torch.cat((self.value_scale, value_scale), dim=-2)
-            self.value_zero = torch.cat((self.value_zero, value_zero), dim=-2)
+            values = [torch.cat((old, new), dim=-2)
+                      for old, new in zip((self.q_value, self.value_scale, self.value_zero), values)]
+        self.q_value, self.value_scale, self.value_zero = values
         self.key_positions = torch.cat((self.key_positions, positions), dim=-1)
         pending = torch.cat((self.key_residual, key_states), dim=-2)
         full = pending.shape[-2] // KEY_GROUP_SIZE * KEY_GROUP_SIZE

@@ -20,7 +20,7 @@ from qwen_model.configuration_qwen import QWenConfig
 from qwen_model.modeling_qwen import QWenBlock, QWenLMHeadModel
 from qwen_model.tokenization_qwen import load_tokenizer
 
-from .gptq import all_finite, accumulate_hessian, gptq_quantize
+from .gptq import accumulate_hessian, gptq_quantize
 from .gptq_checkpoint import CheckpointWriter, output_config
 from .pack import checkpoint_format_for, pack_layer, quantize_config
 from .quantizer import check_bits, check_group_size, rtn_quantize
@@ -150,9 +150,10 @@ def _input_of(module, run):
 
 
 def _hessian(H, n, name, x):
-    if not all_finite(x):
-        raise ValueError(f"non-finite activations reach {name}; the model or calibration data is broken")
-    return accumulate_hessian(H, n, x)
+    try:
+        return accumulate_hessian(H, n, x)
+    except ValueError as err:  # accumulate_hessian checks the input once; say which layer it was
+        raise ValueError(f"non-finite activations reach {name}; the model or calibration data is broken") from err
 
 
 def calibrate_block(block: QWenBlock, inputs: list, quantize, true_sequential: bool, device, dtype,

@@ -47,10 +47,9 @@ def ntk_alpha(true_seq_len: int, seq_length: int) -> float:
     return max(2 ** math.ceil(context_value) - 1, 1)
 
 
-def _new_quantized_cache(config: QWenConfig) -> QuantizedKVCache:
-    """The cache that `use_cache_quantization` asks for (bits, granularity and key layout from the config)."""
-    return QuantizedKVCache(bits=config.cache_bits, granularity=config.cache_granularity,
-                            key_layout=config.cache_key_layout)
+def _cache_settings(config: QWenConfig) -> dict:
+    """What `use_cache_quantization` asks of a quantized cache or layer: bits, granularity and key layout."""
+    return {"bits": config.cache_bits, "granularity": config.cache_granularity, "key_layout": config.cache_key_layout}
 
 
 class RMSNorm(nn.Module):
@@ -98,13 +97,11 @@ class QWenAttention(nn.Module):
         # The one place where the KV cache is stored and read (without a cache, a quantized model still attends
         # over a one-off quantized layer, as the original did).
         if quantized:
-            store = cache if cache is not None else QuantizedKVLayer(
-                bits=self.config.cache_bits, granularity=self.config.cache_granularity,
-                key_layout=self.config.cache_key_layout)
-            pre_rope = store.key_layout == "channel_groups"
+            store = cache if cache is not None else QuantizedKVLayer(**_cache_settings(self.config))
+            stored_key = raw_key if store.key_layout == "channel_groups" else key
             cache_kwargs = {"positions": key_positions}
-            layer_past = (cache.update(raw_key if pre_rope else key, value, self.layer_idx, cache_kwargs)
-                          if cache is not None else store.update(raw_key if pre_rope else key, value, cache_kwargs))
+            layer_past = (cache.update(stored_key, value, self.layer_idx, cache_kwargs) if cache is not None
+                          else store.update(stored_key, value, cache_kwargs))
         elif cache is not None:
             layer_past = cache.update(key, value, self.layer_idx)
         else:
@@ -236,7 +233,8 @@ class QWenModel(QWenPreTrainedModel):
         b, q_len = inputs_embeds.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
-            cache = _new_quantized_cache(self.config) if self.config.use_cache_quantization else DynamicCache()
+            cache = (QuantizedKVCache(**_cache_settings(self.config)) if self.config.use_cache_quantization
+                     else DynamicCache())
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__} (tuples are not supported)")
         if self.config.use_cache_quantization and cache is not None and not isinstance(cache, QuantizedKVCache):
@@ -352,7 +350,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         """Give `generate()` the quantized cache when `use_cache_quantization` is on."""
         if (self.config.use_cache_quantization and model_kwargs.get("cache") is None
                 and generation_config.use_cache is not False):
-            model_kwargs["cache"] = _new_quantized_cache(self.config)
+            model_kwargs["cache"] = QuantizedKVCache(**_cache_settings(self.config))
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
