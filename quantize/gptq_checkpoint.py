@@ -15,7 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from qwen_model.checkpoint import LazyCheckpoint, replace_dir_atomically, write_remote_code
+from qwen_model.chat_files import write_chat_files
+from qwen_model.checkpoint import (LazyCheckpoint, describe_names, harmless_extra, holds_safetensors,
+                                   replace_dir_atomically, write_remote_code)
 
 from .quant_linear import QuantLinear
 
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "vocab.json", "merges.txt")
+                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
 
 
 def is_checkpoint_dir(path) -> bool:
@@ -75,6 +77,7 @@ class CheckpointWriter:
             if (Path(source_dir) / name).exists():
                 shutil.copyfile(Path(source_dir) / name, self.tmp / name)
         write_remote_code(self.tmp)
+        write_chat_files(self.tmp)
         replace_dir_atomically(self.tmp, self.out_dir)
         return self.out_dir
 
@@ -82,15 +85,38 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def gptq_settings(config) -> dict | None:
-    """The `quantization_config` of a GPTQ checkpoint's config, or None for a float checkpoint."""
+def gptq_settings(config, path=None) -> dict | None:
+    """The GPTQ settings of a checkpoint: `quantization_config` in config.json, else (with `path`) the directory's
+    `quantize_config.json` (older AutoGPTQ exports carry only that); None when neither is there.
+
+    The checkpoint format defaults to "gptq" (v1 zero points), the only one AutoGPTQ wrote."""
     qc = getattr(config, "quantization_config", None)
+    source = "config.json quantization_config"
+    if qc is None and path is not None and (Path(path) / "quantize_config.json").exists():
+        source = f"{Path(path) / 'quantize_config.json'}"
+        try:
+            qc = json.loads((Path(path) / "quantize_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} is not valid JSON ({e})") from None
+        qc.setdefault("quant_method", "gptq")
     if qc is None:
         return None
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    qc = dict(qc) if isinstance(qc, dict) else qc.to_dict()
     if qc.get("quant_method") != "gptq":
-        raise ValueError(f"unsupported quantization method {qc.get('quant_method')!r} (this toolkit reads gptq)")
+        raise ValueError(f"unsupported quantization method {qc.get('quant_method')!r} in {source} (this toolkit reads "
+                         "gptq)")
+    lacking = [key for key in ("bits", "group_size") if key not in qc]
+    if lacking:
+        raise ValueError(f"{source} lacks {', '.join(lacking)}")
+    if qc.get("is_marlin_format"):
+        raise ValueError(f"{source}: Marlin-repacked checkpoints are not read; use the plain GPTQ export")
+    qc["checkpoint_format"] = qc.get("checkpoint_format") or "gptq"
     return qc
+
+
+def has_gptq_tensors(path) -> bool:
+    """Whether the directory's safetensors hold GPTQ layers (`*.qweight`)."""
+    return holds_safetensors(path) and any(k.endswith(".qweight") for k in LazyCheckpoint(path).keys())
 
 
 def replace_linears(model: nn.Module, qc: dict) -> None:
@@ -107,18 +133,39 @@ def replace_linears(model: nn.Module, qc: dict) -> None:
 
 
 def load_quantized(model_cls, path, config, device=None):
-    """Build `model_cls(config)` with QuantLinear layers and load a GPTQ checkpoint into it, strictly."""
-    qc = gptq_settings(config)
+    """Build `model_cls(config)` with QuantLinear layers and load a GPTQ checkpoint into it, strictly.
+
+    Settings come from `gptq_settings`; GPTQ tensors without settings, missing tensors, tensors with no place in the
+    model and shape mismatches are one clear error each, naming the tensors. Known harmless extras
+    (`harmless_extra`) are skipped and logged. Nothing is ever left randomly initialised."""
+    qc = gptq_settings(config, path)
+    if qc is None:
+        raise ValueError(f"{path} holds GPTQ tensors (qweight, ...) but no quantization settings: neither config.json "
+                         "quantization_config nor quantize_config.json gives bits and group_size")
+    config.quantization_config = qc
     with torch.device("meta"):
         model = model_cls(config)
     replace_linears(model, qc)
     model.to_empty(device=device or "cpu")
     reader = LazyCheckpoint(path)
     state = reader.read_all(reader.keys())
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match a {qc['bits']}-bit GPTQ Qwen model "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    expected = model.state_dict()
+    for name in [n for n in state if n not in expected]:
+        reason = harmless_extra(name, state[name], model)
+        if reason is not None:
+            logger.info("skipping %s: %s", name, reason)
+            del state[name]
+    what = f"{path}: checkpoint does not match a {qc['bits']}-bit GPTQ Qwen model with this config.json"
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing:
+        raise ValueError(f"{what}: missing tensors {describe_names(missing)}")
+    if unexpected:
+        raise ValueError(f"{what}: unexpected tensors {describe_names(unexpected)}")
+    wrong = [f"{n} {tuple(t.shape)} (expected {tuple(expected[n].shape)})" for n, t in state.items()
+             if t.shape != expected[n].shape]
+    if wrong:
+        raise ValueError(f"{what}: tensor shapes differ: {describe_names(wrong)}")
+    model.load_state_dict(state, strict=True)
     gen_config = Path(path) / "generation_config.json"
     if gen_config.exists():
         from transformers import GenerationConfig
@@ -129,9 +176,15 @@ def load_quantized(model_cls, path, config, device=None):
 
 
 def output_config(source_config, quantize_config: dict) -> dict:
-    """config.json of the quantized model: the source's fields plus `quantization_config`."""
+    """config.json of the quantized model: the source's fields plus `quantization_config`, dtype float16.
+
+    float16 whatever the source's dtype (Qwen-7B-Chat says bfloat16): vLLM computes in the config's dtype, so in
+    bfloat16 it would round the float16 scales chosen by the range search, and its non-Marlin `gptq` kernels run
+    only in float16. Both keys are written: transformers 5 reads `dtype`, older readers `torch_dtype`. The precision
+    flags of this package's own model (bf16/fp16/fp32) are left as they were."""
     config = source_config.to_dict()
     config.pop("_name_or_path", None)
+    config["dtype"] = config["torch_dtype"] = "float16"
     config["quantization_config"] = {**quantize_config, "quant_method": "gptq"}
     return config
 

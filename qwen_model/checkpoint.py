@@ -31,9 +31,22 @@ def write_remote_code(out_dir, tokenizer_class: bool = True) -> None:
                      {"auto_map": TOKENIZER_AUTO_MAP, "tokenizer_class": "QWenTokenizer"})
 
 
+def make_readable(directory) -> None:
+    """Files 0644 and the directory 0755, as `save_pretrained` output normally is: safetensors (0.8) writes through a
+    private temporary file, so its shards would be 0600 and a server running as another user could not read them."""
+    directory = Path(directory)
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(0o644)
+
+
 def replace_dir_atomically(tmp_dir, out_dir) -> None:
-    """Move a finished `tmp_dir` to `out_dir` (replacing an old one), so readers never see a half-written checkpoint."""
+    """Move a finished `tmp_dir` to `out_dir` (replacing an old one), so readers never see a half-written checkpoint.
+
+    Its files are made readable by everyone first (`make_readable`)."""
     out_dir = Path(out_dir)
+    make_readable(tmp_dir)
     old = None
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old-" + str(os.getpid()))
@@ -41,6 +54,36 @@ def replace_dir_atomically(tmp_dir, out_dir) -> None:
     os.replace(tmp_dir, out_dir)
     if old is not None:
         shutil.rmtree(old)
+
+
+def holds_safetensors(path) -> bool:
+    """Whether `path` holds weights that `LazyCheckpoint` reads."""
+    path = Path(path)
+    return (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors"))
+
+
+def harmless_extra(name: str, tensor, model) -> str | None:
+    """Why a checkpoint tensor that `model` has no slot for can be skipped, or None if it cannot.
+
+    Skipped: `rotary_emb.inv_freq` (recomputed from the config; vLLM skips it too) and an all-zero bias of a layer
+    built without one (some exporters write zeros for every layer)."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return "the rotary frequencies are computed from the config"
+    if name.endswith(".bias") and tensor is not None and not bool(tensor.any()):
+        try:
+            layer = model.get_submodule(name[: -len(".bias")])
+        except AttributeError:
+            return None
+        if getattr(layer, "bias", "none") is None:
+            return "an all-zero bias of a layer without bias"
+    return None
+
+
+def describe_names(names) -> str:
+    """A few names and the count, for one-line errors."""
+    names = sorted(names)
+    shown = ", ".join(names[:6])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
 
 
 class LazyCheckpoint:
@@ -57,15 +100,16 @@ class LazyCheckpoint:
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         index = path / "model.safetensors.index.json"
+        singles = sorted(p.name for p in path.glob("*.safetensors"))
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (path / "model.safetensors").exists():
-            weight_map = None
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif "model.safetensors" in singles or len(singles) == 1:  # one file: any name (gptq_model-4bit-128g, ...)
+            files = ["model.safetensors"] if "model.safetensors" in singles else singles
         else:
             bins = sorted(p.name for p in path.glob("*.bin"))
             hint = f" (found {bins[0]}: convert it to safetensors; pickle files are not loaded)" if bins else ""
+            hint = f" (found {len(singles)} safetensors files and no index)" if singles else hint
             raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json{hint}")
-        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         self._where = {}
         for name in files:
             with safe_open(str(path / name), framework="pt") as handle:

@@ -1,5 +1,11 @@
 """Configuration of Qwen (v1) models, with the field names and defaults of the original Qwen-7B release."""
+import inspect
+
 from transformers import PretrainedConfig
+
+# GPTQ checkpoints record their dtype as `dtype` and, for readers on transformers < 4.56, as `torch_dtype`; where
+# transformers knows `dtype`, the equal legacy copy is dropped on load (it would only print a deprecation warning).
+_KNOWS_DTYPE = "dtype" in inspect.signature(PretrainedConfig.__init__).parameters
 
 
 class QWenConfig(PretrainedConfig):
@@ -74,6 +80,8 @@ class QWenConfig(PretrainedConfig):
         # "channel_groups" (4 bits only: pre-RoPE, per channel over groups of 64 positions, float residual);
         # None = "channel_groups" for cache_bits=4 (token granularity), "token" otherwise.
         self.cache_key_layout = cache_key_layout
+        if _KNOWS_DTYPE and "dtype" in kwargs and kwargs.get("torch_dtype") == kwargs["dtype"]:
+            del kwargs["torch_dtype"]
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_qwen()
 

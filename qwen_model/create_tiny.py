@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .chat_files import write_chat_files
 from .checkpoint import replace_dir_atomically, write_remote_code
 from .configuration_qwen import QWenConfig
 from .modeling_qwen import QWenLMHeadModel
@@ -45,6 +46,7 @@ def create_tiny(out_dir, seed: int = 0, num_layers: int = 2, overwrite: bool = F
         model.save_pretrained(tmp)
         QWenTokenizer().save_pretrained(tmp)
         write_remote_code(tmp)
+        write_chat_files(tmp)
         replace_dir_atomically(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

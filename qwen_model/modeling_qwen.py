@@ -284,6 +284,29 @@ class _QueueStreamer(BaseStreamer):
         self.queue.put(None)
 
 
+def _check_float_load(path, model, info) -> None:
+    """Refuse a float checkpoint that left weights randomly initialised or held tensors the model has no place for
+    (other than known harmless extras, which are logged)."""
+    from qwen_model.checkpoint import LazyCheckpoint, describe_names, harmless_extra, holds_safetensors
+
+    if info["missing_keys"]:
+        raise ValueError(f"{path}: checkpoint lacks tensors {describe_names(info['missing_keys'])} (they would be "
+                         "random)")
+    unexpected = set(info["unexpected_keys"])
+    if unexpected and holds_safetensors(path):
+        values = LazyCheckpoint(path).read_all(unexpected)
+        for name in sorted(unexpected):
+            reason = harmless_extra(name, values[name], model)
+            if reason is not None:
+                logger.info("skipped %s: %s", name, reason)
+                unexpected.discard(name)
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensors {describe_names(unexpected)}")
+    if info["mismatched_keys"]:
+        shapes = describe_names(map(str, info["mismatched_keys"]))
+        raise ValueError(f"{path}: tensor shapes differ from config.json: {shapes}")
+
+
 class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     def __init__(self, config: QWenConfig):
         super().__init__(config)
@@ -296,24 +319,33 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, gptq_backend: str = "qwen", **kwargs):
-        """Load a float checkpoint, or a GPTQ one (`quantization_config.quant_method == "gptq"`) with our QuantLinear.
+        """Load a float checkpoint, or a GPTQ one with our QuantLinear; never a model with random weights.
 
+        A local directory loads quantized when its config.json has a gptq `quantization_config`, when it has a
+        `quantize_config.json`, or when its safetensors hold GPTQ tensors (`qweight`): then the settings must be
+        found or loading fails with one clear error (`quantize.gptq_checkpoint.load_quantized`). A float directory
+        must provide every weight: missing ones are an error, not a random initialisation.
         `gptq_backend="hf"` hands GPTQ checkpoints to transformers' own integration (optimum + gptqmodel) instead.
         """
         if gptq_backend not in ("qwen", "hf"):
             raise ValueError(f"gptq_backend must be 'qwen' or 'hf', got {gptq_backend!r}")
         path = str(pretrained_model_name_or_path)
         if gptq_backend == "qwen" and os.path.isdir(path):
+            from quantize.gptq_checkpoint import gptq_settings, has_gptq_tensors, load_quantized
+
             config = kwargs.get("config")
             if not isinstance(config, QWenConfig):
                 config, _ = cls.config_class.from_pretrained(path, return_unused_kwargs=True, **{
                     k: v for k, v in kwargs.items() if k not in ("config", "device_map", "dtype", "torch_dtype",
                                                                  "trust_remote_code", "output_loading_info")})
-            if getattr(config, "quantization_config", None) is not None:
-                from quantize.gptq_checkpoint import load_quantized
-
+            if gptq_settings(config, path) is not None or has_gptq_tensors(path):
                 device = kwargs.get("device_map")
                 return load_quantized(cls, path, config, device=device if isinstance(device, str) else None)
+            want_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                  output_loading_info=True, **kwargs)
+            _check_float_load(path, model, info)
+            return (model, info) if want_info else model
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def get_input_embeddings(self):

@@ -5,6 +5,23 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
+# The chat format of `make_context` as a Jinja chat template (what transformers' `apply_chat_template` and
+# OpenAI-style servers such as vLLM render): an optional leading system message (default DEFAULT_SYSTEM, as `chat()`
+# uses), then every turn as `<|im_start|>{role}\n{content}<|im_end|>`, joined by newlines. Unlike `make_context` it
+# neither drops old turns to fit a window nor keeps special-token text typed by a user out of the control tokens.
+CHATML_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system = '" + DEFAULT_SYSTEM + "' -%}{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>system\\n' + system + '<|im_end|>' -}}"
+    "{%- for message in turns -%}"
+    "{{- '\\n<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '\\n<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
 
 def _plain_ids(tokenizer, text: str) -> list[int]:
     """Ids of untrusted text with special-token strings kept as plain text (never control tokens)."""

