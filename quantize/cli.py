@@ -52,6 +52,10 @@ def build_parser(bits: int) -> argparse.ArgumentParser:
     p.add_argument("--eval", nargs="?", const="default", default=None, metavar="TEXT_FILE",
                    help="print perplexity before and after quantization on held-out text (default: the bundled "
                         "held-out text)")
+    p.add_argument("--ffn-multiple", type=int, default=None, metavar="N",
+                   help="pad the FFN width (half of config.json intermediate_size) with exact zeros up to a multiple "
+                        "of N; 1024 lets vLLM shard Qwen-7B/14B-shaped g128 checkpoints at tensor-parallel 1/2/4/8 "
+                        "(11008 -> 11264, 13696 -> 14336); outputs are unchanged")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return p
@@ -120,7 +124,7 @@ def main(bits: int, argv=None) -> int:
             out = quantize_checkpoint(model_dir, args.out, settings, calib=args.calib, nsamples=args.nsamples,
                                       seqlen=args.seqlen, seed=args.seed, device=args.device,
                                       batch_size=args.batch_size, overwrite=args.overwrite,
-                                      model_name=args.model)
+                                      model_name=args.model, ffn_multiple=args.ffn_multiple)
             if args.eval:
                 after = _perplexity(out, ids, args.device or "cpu")
                 print(f"perplexity before {before:.4f}  after {after:.4f}  ({(after / before - 1) * 100:+.2f}%)")
@@ -132,4 +136,10 @@ def main(bits: int, argv=None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 1
     print(f"wrote {bits}-bit GPTQ checkpoint to {out}")
+    from quantize.vllm_support import checkpoint_report
+
+    lines, warnings = checkpoint_report(out)
+    print("\n".join(lines))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0

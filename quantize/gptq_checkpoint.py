@@ -184,7 +184,11 @@ def output_config(source_config, quantize_config: dict) -> dict:
     flags of this package's own model (bf16/fp16/fp32) are left as they were."""
     config = source_config.to_dict()
     config.pop("_name_or_path", None)
-    config["dtype"] = config["torch_dtype"] = "float16"
     config["quantization_config"] = {**quantize_config, "quant_method": "gptq"}
-    return config
+    return with_serving_dtype(config)
+
+
+def with_serving_dtype(config: dict) -> dict:
+    """config.json contents with the dtype recorded as float16 (see `output_config`)."""
+    return {**config, "dtype": "float16", "torch_dtype": "float16"}
 

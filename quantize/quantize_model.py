@@ -20,6 +20,7 @@ from qwen_model.configuration_qwen import QWenConfig
 from qwen_model.modeling_qwen import QWenBlock, QWenLMHeadModel
 from qwen_model.tokenization_qwen import load_tokenizer
 
+from .ffn_padding import pad_block, padded_config, padded_width
 from .gptq import accumulate_hessian, gptq_quantize
 from .gptq_checkpoint import CheckpointWriter, output_config
 from .pack import checkpoint_format_for, pack_layer, quantize_config
@@ -244,8 +245,12 @@ def _quantize_layers(block, names, hessians, settings: QuantizeSettings, fmt, pr
 
 def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=None, nsamples: int = 128,
                         seqlen: int = 8192, seed: int = 0, device=None, batch_size: int | None = None,
-                        overwrite: bool = False, model_name: str | None = None) -> Path:
-    """Quantize the Qwen checkpoint in `model_dir` and write a GPTQ checkpoint to `out_dir` (atomically)."""
+                        overwrite: bool = False, model_name: str | None = None,
+                        ffn_multiple: int | None = None) -> Path:
+    """Quantize the Qwen checkpoint in `model_dir` and write a GPTQ checkpoint to `out_dir` (atomically).
+
+    `ffn_multiple` pads the FFN width of the written checkpoint up to a multiple of it with exact zeros
+    (`ffn_padding`), e.g. 1024 so that vLLM can shard Qwen-7B/14B at tensor-parallel 1/2/4/8."""
     model_dir = Path(model_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = QWenConfig.from_pretrained(model_dir)
@@ -260,6 +265,9 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
     reader = LazyCheckpoint(model_dir)
     dtype = compute_dtype(config, device)
     fmt = checkpoint_format_for(settings.sym)
+    ffn = config.intermediate_size // 2
+    new_ffn = padded_width(ffn, ffn_multiple, settings.group_size) if ffn_multiple else ffn
+    layout = {"bits": settings.bits, "group_size": settings.group_size, "checkpoint_format": fmt}
     writer = CheckpointWriter(out_dir, num_shards=config.num_hidden_layers + 1, overwrite=overwrite)
     try:
         inputs = []
@@ -284,7 +292,7 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
                                 outputs=i + 1 < config.num_hidden_layers)
             else:
                 quantize(BLOCK_LAYERS, {})
-            writer.write_shard(shard)
+            writer.write_shard(pad_block(shard, prefix, ffn, new_ffn, layout))
             del block
         writer.write_shard(reader.read_all(k for k in reader.keys() if not k.startswith("transformer.h.")))
         qcfg = quantize_config(settings.bits, settings.group_size, settings.damp_percent, settings.desc_act,
@@ -296,7 +304,8 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
         qcfg["method"] = settings.method
         logger.info("quantized %d blocks in %.1fs; settings %s", config.num_hidden_layers, time.time() - start,
                     asdict(settings))
-        return writer.finish(model_dir, output_config(config, qcfg), qcfg)
+        out_config = padded_config(output_config(config, qcfg), ffn, new_ffn)
+        return writer.finish(model_dir, out_config, out_config["quantization_config"])
     except BaseException:
         writer.abort()
         raise

@@ -153,3 +153,15 @@ def describe(config, qc: dict, tp_sizes=TP_SIZES, dtype: str | None = "float16")
             why = "; ".join(f"{k}: {(settings[k] + shapes[k])[0]}" for k in KERNELS)
             lines.append(f"vLLM tensor-parallel {tp}: no GPTQ kernel ({why})")
     return lines
+
+
+def checkpoint_report(path) -> tuple[list[str], list[str]]:
+    """(`describe` lines, `setting_warnings`) for the GPTQ checkpoint directory `path`, as it was written."""
+    from qwen_model.configuration_qwen import QWenConfig
+
+    from .gptq_checkpoint import gptq_settings
+
+    config = QWenConfig.from_pretrained(path)
+    qc = gptq_settings(config, path)
+    dtype = str(config.dtype).removeprefix("torch.") if config.dtype is not None else None
+    return describe(config, qc, dtype=dtype), setting_warnings(config, qc)
