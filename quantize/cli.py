@@ -136,10 +136,16 @@ def main(bits: int, argv=None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 1
     print(f"wrote {bits}-bit GPTQ checkpoint to {out}")
+    print_vllm_support(out)
+    return 0
+
+
+def print_vllm_support(out) -> None:
+    """Print which vLLM kernels serve the checkpoint at which tensor-parallel sizes, and warn (stderr) for settings
+    vLLM cannot run."""
     from quantize.vllm_support import checkpoint_report
 
     lines, warnings = checkpoint_report(out)
     print("\n".join(lines))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    return 0

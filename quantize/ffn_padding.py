@@ -106,6 +106,8 @@ def padded_config(config_dict: dict, ffn: int, new_ffn: int) -> dict:
 def pad_checkpoint(src, out_dir, multiple: int, overwrite: bool = False) -> Path:
     """Write a copy of the GPTQ checkpoint `src` with its FFN padded to a multiple of `multiple` (atomically)."""
     src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {src}")
     config = QWenConfig.from_pretrained(src)
     qc = gptq_settings(config, src)
     if qc is None:

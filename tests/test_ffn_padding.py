@@ -70,3 +70,19 @@ def test_cli_refuses_padding_in_partial_groups(tiny_dir, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: cannot pad the FFN width")
     assert not out.exists()
+
+
+def test_pad_ffn_cli_pads_an_existing_checkpoint(tiny_dir, tmp_path):
+    src = quantize_checkpoint(tiny_dir, tmp_path / "plain", QuantizeSettings(bits=4, group_size=32, method="rtn"))
+    out = tmp_path / "padded"
+    r = subprocess.run([sys.executable, "-m", "quantize.pad_ffn", str(src), "--out", str(out), "--ffn-multiple", "256",
+                        "-q"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "vLLM tensor-parallel 1: gptq" in r.stdout
+    assert QWenLMHeadModel.from_pretrained(out).transformer.h[1].mlp.w1.out_features == 256
+    for bad, message in ((tiny_dir, "is not a GPTQ checkpoint"), (tmp_path / "nope", "directory not found")):
+        r = subprocess.run([sys.executable, "-m", "quantize.pad_ffn", str(bad), "--out", str(tmp_path / "x")],
+                           capture_output=True, text=True, timeout=600)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith("error:") and message in last, r.stderr
+    assert not (tmp_path / "x").exists()

@@ -92,8 +92,11 @@ def our_checkpoints(tiny_dir, tmp_path_factory):
 
 
 def _load_hf(path, bits, backend=None):
+    """Through transformers + optimum + GPTQModel, in float32 like our tiny model (our checkpoints record float16,
+    the dtype a server should run them in, which transformers would otherwise take)."""
     kwargs = {} if backend is None else {"quantization_config": GPTQConfig(bits=bits, backend=backend)}
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, gptq_backend="hf", **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, gptq_backend="hf", dtype=torch.float32,
+                                                **kwargs).eval()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
