@@ -49,14 +49,13 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def weights_label(model_dir) -> str:
-    """"int4 g128" for a GPTQ checkpoint (from config.json), else the float dtype it stores ("float32", ...)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    qc = config.get("quantization_config")
+def weights_label(model_dir, float_dtype: str) -> str:
+    """"int4 g128" for a GPTQ checkpoint (from config.json), else the float dtype the model runs in."""
+    qc = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config")
     if qc:
         group = qc.get("group_size", -1)
         return f"int{qc['bits']} g{group}" if group and group > 0 else f"int{qc['bits']}"
-    return str(config.get("torch_dtype") or config.get("dtype") or "float")
+    return float_dtype
 
 
 def _make_cache(kv: str):
@@ -125,9 +124,10 @@ def profile_row(model_dir, kv: str = "float", context: int = 1024, generate: int
             base = _status_kib("VmRSS") * 1024
         prefill_s, decode_s, made = _generate(model, ids, kv, generate)
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _status_kib("VmHWM") * 1024
+    run_dtype = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
     return {
-        "model": str(model_dir), "weights": weights_label(model_dir), "kv": kv, "batch": batch, "context": context,
-        "generate": made, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": dev.type,
+        "model": str(model_dir), "weights": weights_label(model_dir, run_dtype), "kv": kv, "batch": batch,
+        "context": context, "generate": made, "dtype": run_dtype, "device": dev.type,
         "threads": torch.get_num_threads(),
         "prefill_tokens_per_s": batch * context / prefill_s,
         "decode_tokens_per_s": batch * (made - 1) / decode_s if made > 1 else float("nan"),

@@ -1,5 +1,6 @@
 """`python -m qwen_model.profile` end to end on the tiny model and its Int4 checkpoint (real subprocesses)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,17 @@ def test_profile_bad_input_is_one_error_line(tiny_dir, args, message):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], r.stderr
     assert r.stdout == ""
+
+
+def test_gpu_check_script_small_mode_runs_every_step_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --small: versions, random 7B-layout checkpoint (tiny dims), Int4 RTN, profiler."""
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--small"], cwd=REPO, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "gpu_check: done" in r.stdout
+    for batch in (1, 3):
+        rows = json.loads((tmp_path / f"profile_b{batch}.json").read_text())
+        assert [(x["weights"], x["kv"], x["batch"]) for x in rows] == [
+            ("bfloat16", "float", batch), ("bfloat16", "int8", batch), ("int4 g128", "float", batch),
+            ("int4 g128", "int8", batch)]
+    assert (tmp_path / "versions.txt").read_text().startswith("python ")
