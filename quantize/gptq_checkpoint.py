@@ -65,8 +65,9 @@ class CheckpointWriter:
             self.weight_map[key] = name
             self.total_size += tensor.numel() * tensor.element_size()
 
-    def finish(self, source_dir, config: dict, quantize_config: dict) -> Path:
-        """Write index, configs, tokenizer files and model code, then move the directory into place."""
+    def finish(self, source_dir, config: dict, quantize_config: dict, remote_code: bool = True) -> Path:
+        """Write index, configs, tokenizer files and (with `remote_code`, for Qwen v1) our model code, then move the
+        directory into place."""
         if self._next - 1 != self.num_shards:
             raise RuntimeError(f"wrote {self._next - 1} shards, expected {self.num_shards}")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
@@ -76,7 +77,8 @@ class CheckpointWriter:
         for name in TOKENIZER_FILES:
             if (Path(source_dir) / name).exists():
                 shutil.copyfile(Path(source_dir) / name, self.tmp / name)
-        write_remote_code(self.tmp)
+        if remote_code:
+            write_remote_code(self.tmp)
         write_chat_files(self.tmp)
         replace_dir_atomically(self.tmp, self.out_dir)
         return self.out_dir
@@ -147,15 +149,26 @@ def load_quantized(model_cls, path, config, device=None):
         model = model_cls(config)
     replace_linears(model, qc)
     model.to_empty(device=device or "cpu")
+    load_gptq_state(model, path, f"{path}: checkpoint does not match a {qc['bits']}-bit GPTQ Qwen model with this "
+                                 "config.json")
+    logger.info("loaded %d-bit GPTQ checkpoint %s", qc["bits"], path)
+    return model.eval()
+
+
+def load_gptq_state(model: nn.Module, path, what: str, tied: tuple = ()) -> None:
+    """Fill `model` (QuantLinear layers in place) from the checkpoint at `path`, strictly, and take its generation
+    config. Missing tensors (other than the `tied` ones, which share another tensor), tensors with no place in the
+    model and shape mismatches are one clear error each (prefixed `what`), naming the tensors. Known harmless extras
+    (`harmless_extra`) are skipped and logged. Nothing is ever left randomly initialised."""
     reader = LazyCheckpoint(path)
-    state = reader.read_all(reader.keys())
-    expected = model.state_dict()
+    device = next(iter(model.state_dict().values())).device
+    state = reader.read_all(reader.keys(), device)
+    expected = {k: v for k, v in model.state_dict().items() if k not in tied}
     for name in [n for n in state if n not in expected]:
         reason = harmless_extra(name, state[name], model)
         if reason is not None:
             logger.info("skipping %s: %s", name, reason)
             del state[name]
-    what = f"{path}: checkpoint does not match a {qc['bits']}-bit GPTQ Qwen model with this config.json"
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing:
         raise ValueError(f"{what}: missing tensors {describe_names(missing)}")
@@ -165,14 +178,12 @@ def load_quantized(model_cls, path, config, device=None):
              if t.shape != expected[n].shape]
     if wrong:
         raise ValueError(f"{what}: tensor shapes differ: {describe_names(wrong)}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not tied)
     gen_config = Path(path) / "generation_config.json"
     if gen_config.exists():
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(path)
-    logger.info("loaded %d-bit GPTQ checkpoint %s", qc["bits"], path)
-    return model.eval()
 
 
 def output_config(source_config, quantize_config: dict) -> dict:

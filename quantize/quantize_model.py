@@ -1,11 +1,11 @@
-"""Quantize a Qwen checkpoint block by block: only one decoder block's weights are ever in memory.
+"""Quantize a checkpoint block by block: only one decoder block's weights are ever in memory.
 
 Calibration samples run through the embedding once; each block is then read from safetensors, its linear layers are
-quantized in true-sequential order (c_attn -> c_proj -> w1/w2 -> mlp.c_proj, each group's inputs computed with the
-groups before it already quantized), its outputs become the next block's inputs, and its packed tensors go straight
-to disk.
+quantized in true-sequential order (attention inputs -> attention output -> MLP inputs -> MLP output, e.g. c_attn ->
+c_proj -> w1/w2 -> mlp.c_proj for Qwen v1, each group's inputs computed with the groups before it already
+quantized), its outputs become the next block's inputs, and its packed tensors go straight to disk. What differs
+between model families (Qwen v1, transformers' Qwen2 / Qwen3 / Llama) is a `quantize.model_families.Family`.
 """
-import copy
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -16,19 +16,16 @@ from tqdm import tqdm
 
 from calib_data.loader import load_calibration
 from qwen_model.checkpoint import LazyCheckpoint
-from qwen_model.configuration_qwen import QWenConfig
-from qwen_model.modeling_qwen import QWenBlock, QWenLMHeadModel
 from qwen_model.tokenization_qwen import load_tokenizer
 
 from .ffn_padding import pad_block, padded_config, padded_width
 from .gptq import accumulate_hessian, gptq_quantize
 from .gptq_checkpoint import CheckpointWriter, output_config
+from .model_families import Family, family_for, get_family
 from .pack import checkpoint_format_for, pack_layer, quantize_config
 from .quantizer import check_bits, check_group_size, rtn_quantize
 
 logger = logging.getLogger(__name__)
-
-BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 
 
 @dataclass
@@ -83,24 +80,32 @@ def _batches(samples: list, batch_size: int) -> list[torch.Tensor]:
     return out
 
 
-def capture_block_inputs(config: QWenConfig, reader: LazyCheckpoint, batches, device, dtype):
-    """Inputs (args, kwargs) of the first block for each batch, with only the embedding materialised."""
+def _family(config) -> Family:
+    return get_family(config.model_type)
+
+
+def capture_block_inputs(config, reader: LazyCheckpoint, batches, device, dtype):
+    """Inputs (args, kwargs) of the first block for each batch, with only the embedding (and the rotary tables)
+    materialised."""
+    fam = _family(config)
     with torch.device("meta"):
-        model = QWenLMHeadModel(config)
-    model.transformer.wte.weight = torch.nn.Parameter(reader.get("transformer.wte.weight", device).to(dtype),
-                                                      requires_grad=False)
+        model = fam.model_class(config)
+    base, blocks = fam.base_model(model)
+    base.get_input_embeddings().weight = torch.nn.Parameter(reader.get(fam.embedding, device).to(dtype),
+                                                            requires_grad=False)
+    fam.materialise(base, config, device)
     captured = []
 
     def record(module, args, kwargs):
         captured.append((_to(args, "cpu"), _to(kwargs, "cpu")))
         raise _StopForward
 
-    handle = model.transformer.h[0].register_forward_pre_hook(record, with_kwargs=True)
+    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
             for ids in batches:
                 try:
-                    model.transformer(input_ids=ids.to(device), use_cache=False)
+                    base(input_ids=ids.to(device), use_cache=False)
                 except _StopForward:
                     pass
     finally:
@@ -108,19 +113,10 @@ def capture_block_inputs(config: QWenConfig, reader: LazyCheckpoint, batches, de
     return captured
 
 
-def compute_dtype(config: QWenConfig, device: torch.device) -> torch.dtype:
-    """The model's precision flags decide; with none set, float32 on CPU and bfloat16 on an accelerator."""
-    if config.bf16:
-        return torch.bfloat16
-    if config.fp16:
-        return torch.float16
-    return torch.float32 if config.fp32 or device.type == "cpu" else torch.bfloat16
-
-
-def _load_block(config, reader, index, device, dtype) -> QWenBlock:
-    with torch.device("meta"):
-        block = QWenBlock(config, index)
-    block.load_state_dict(reader.state_dict(f"transformer.h.{index}.", device), strict=True, assign=True)
+def _load_block(config, reader, index, device, dtype) -> torch.nn.Module:
+    fam = _family(config)
+    block = fam.new_block(config, index)
+    block.load_state_dict(reader.state_dict(f"{fam.blocks}{index}.", device), strict=True, assign=True)
     return block.to(dtype).eval()
 
 
@@ -157,18 +153,23 @@ def _hessian(H, n, name, x):
         raise ValueError(f"non-finite activations reach {name}; the model or calibration data is broken") from err
 
 
-def calibrate_block(block: QWenBlock, inputs: list, quantize, true_sequential: bool, device, dtype,
-                    outputs: bool = True) -> None:
-    """Collect each layer's Hessian in the order c_attn -> c_proj -> w1/w2 -> mlp.c_proj, call
-    ``quantize(names, hessians)`` per group (true-sequential: before the next group's inputs are computed, so they
-    see the quantized layers; otherwise once, from the float block), then (with `outputs`) replace each input batch
-    by the block's output.
+def calibrate_block(block, inputs: list, quantize, true_sequential: bool, device, dtype, outputs: bool = True,
+                    family: Family | None = None) -> None:
+    """Collect each layer's Hessian group by group (Qwen v1: c_attn -> c_proj -> w1/w2 -> mlp.c_proj; `family`
+    defaults to Qwen v1), call ``quantize(names, hessians)`` per group (true-sequential: before the next group's
+    inputs are computed, so they see the quantized layers; otherwise once, from the float block), then (with
+    `outputs`) replace each input batch by the block's output.
 
     Every stage starts from what the previous one stored instead of re-running the block from its input: the
-    attention runs once per batch, the MLP's w1/w2 twice (for mlp.c_proj's Hessian, then for the output). This
-    mirrors QWenBlock.forward (x + attn(ln_1(x)), then h + mlp(ln_2(h))); a test holds the two equal.
+    attention runs once per batch, the MLP's input linears twice (for the output linear's Hessian, then for the
+    output). This mirrors the pre-norm block's forward (x + attn(norm_1(x)), then h + mlp(norm_2(h))); a test holds
+    the two equal.
     """
-    attn, mlp = block.attn, block.mlp
+    fam = family or get_family("qwen")
+    ln_1, attn = block.get_submodule(fam.input_norm), block.get_submodule(fam.attention)
+    ln_2, mlp = block.get_submodule(fam.post_norm), block.get_submodule(fam.mlp)
+    attn_in, (attn_out,), mlp_in, (mlp_out,) = fam.groups
+    attn_proj, mlp_proj = block.get_submodule(attn_out), block.get_submodule(mlp_out)
     pending = {}
 
     def stage(names, hessian):
@@ -180,36 +181,36 @@ def calibrate_block(block: QWenBlock, inputs: list, quantize, true_sequential: b
     with torch.no_grad():
         H, n = None, 0
         for args, kwargs in inputs:
-            H, n = _hessian(H, n, "attn.c_attn", block.ln_1(args[0].to(device, dtype)))
-        stage(("attn.c_attn",), H)
+            H, n = _hessian(H, n, attn_in[0], ln_1(args[0].to(device, dtype)))
+        stage(attn_in, H)
 
         H, n, mid = None, 0, []
         for args, kwargs in inputs:
             x, rest, kw = _on(device, dtype, args, kwargs)
-            context = _input_of(attn.c_proj, lambda: attn(block.ln_1(x), *rest, **kw))
-            H, n = _hessian(H, n, "attn.c_proj", context)
+            context = _input_of(attn_proj, lambda: attn(ln_1(x), *rest, **kw))
+            H, n = _hessian(H, n, attn_out, context)
             mid.append(context.to(args[0].device, args[0].dtype))
-        stage(("attn.c_proj",), H)
+        stage((attn_out,), H)
 
         H, n = None, 0
         for j, (args, kwargs) in enumerate(inputs):
-            h = args[0].to(device, dtype) + attn.c_proj(mid[j].to(device, dtype))
-            H, n = _hessian(H, n, "mlp.w1", block.ln_2(h))
+            h = args[0].to(device, dtype) + attn_proj(mid[j].to(device, dtype))
+            H, n = _hessian(H, n, mlp_in[0], ln_2(h))
             mid[j] = h.to(args[0].device, args[0].dtype)
-        stage(("mlp.w1", "mlp.w2"), H)
+        stage(mlp_in, H)
 
         H, n = None, 0
         for j in range(len(inputs)):
             h = mid[j].to(device, dtype)
-            H, n = _hessian(H, n, "mlp.c_proj", _input_of(mlp.c_proj, lambda: mlp(block.ln_2(h))))
-        stage(("mlp.c_proj",), H)
+            H, n = _hessian(H, n, mlp_out, _input_of(mlp_proj, lambda: mlp(ln_2(h))))
+        stage((mlp_out,), H)
 
         if not true_sequential:
             quantize(tuple(pending), pending)
         for j, (args, kwargs) in enumerate(inputs if outputs else []):
             if true_sequential:
                 h = mid[j].to(device, dtype)
-                out = h + mlp(block.ln_2(h))
+                out = h + mlp(ln_2(h))
             else:
                 x, rest, kw = _on(device, dtype, args, kwargs)
                 out = block(x, *rest, **kw)
@@ -247,24 +248,26 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
                         seqlen: int = 8192, seed: int = 0, device=None, batch_size: int | None = None,
                         overwrite: bool = False, model_name: str | None = None,
                         ffn_multiple: int | None = None) -> Path:
-    """Quantize the Qwen checkpoint in `model_dir` and write a GPTQ checkpoint to `out_dir` (atomically).
+    """Quantize the checkpoint in `model_dir` (Qwen v1, or transformers' Qwen2 / Qwen3 / Llama: config.json
+    `model_type` decides) and write a GPTQ checkpoint to `out_dir` (atomically).
 
-    `ffn_multiple` pads the FFN width of the written checkpoint up to a multiple of it with exact zeros
+    `ffn_multiple` (Qwen v1) pads the FFN width of the written checkpoint up to a multiple of it with exact zeros
     (`ffn_padding`), e.g. 1024 so that vLLM can shard Qwen-7B/14B at tensor-parallel 1/2/4/8."""
     model_dir = Path(model_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = QWenConfig.from_pretrained(model_dir)
+    fam = family_for(model_dir)
+    config = fam.load_config(model_dir)
     if getattr(config, "quantization_config", None) is not None:
         raise ValueError(f"{model_dir} is already quantized; start from a float checkpoint")
-    # Calibration passes use PyTorch's fused attention kernels whatever use_flash_attn says (same values, ~4x faster
-    # on CPU than plain math attention).
-    block_config = copy.deepcopy(config)
-    block_config.use_flash_attn = True
-    settings.validate(config.hidden_size)
-    settings.validate(config.intermediate_size // 2)
+    block_config = fam.calibration_config(config)
+    probe = fam.new_block(block_config, 0)
+    for name in fam.linears:
+        settings.validate(probe.get_submodule(name).in_features)
     reader = LazyCheckpoint(model_dir)
-    dtype = compute_dtype(config, device)
+    dtype = fam.compute_dtype(config, device)
     fmt = checkpoint_format_for(settings.sym)
+    if ffn_multiple and fam.name != "qwen":
+        raise ValueError(f"--ffn-multiple pads Qwen v1 checkpoints only, not {fam.name!r} ones")
     ffn = config.intermediate_size // 2
     new_ffn = padded_width(ffn, ffn_multiple, settings.group_size) if ffn_multiple else ffn
     layout = {"bits": settings.bits, "group_size": settings.group_size, "checkpoint_format": fmt}
@@ -277,24 +280,25 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
             bs = batch_size or max(1, 4096 // max(s.shape[-1] for s in samples))
             logger.info("calibrating on %d samples (%d tokens), batch size %d, %s on %s", len(samples),
                         sum(s.numel() for s in samples), bs, dtype, device)
-            inputs = capture_block_inputs(config, reader, _batches(samples, bs), device, dtype)
+            inputs = capture_block_inputs(block_config, reader, _batches(samples, bs), device, dtype)
         start = time.time()
+        quantized = {f"{name}.{part}" for name in fam.linears for part in ("weight", "bias")}
         for i in tqdm(range(config.num_hidden_layers), desc="blocks", unit="block"):
             block = _load_block(block_config, reader, i, device, dtype)
-            shard = {f"transformer.h.{i}.{k}": v for k, v in block.state_dict().items() if "ln_" in k}
-            prefix = f"transformer.h.{i}."
+            prefix = f"{fam.blocks}{i}."
+            shard = {prefix + k: v for k, v in block.state_dict().items() if k not in quantized}
 
             def quantize(names, hessians):
                 shard.update(_quantize_layers(block, names, hessians, settings, fmt, prefix, device, dtype))
 
             if inputs:
                 calibrate_block(block, inputs, quantize, settings.true_sequential, device, dtype,
-                                outputs=i + 1 < config.num_hidden_layers)
+                                outputs=i + 1 < config.num_hidden_layers, family=fam)
             else:
-                quantize(BLOCK_LAYERS, {})
+                quantize(fam.linears, {})
             writer.write_shard(pad_block(shard, prefix, ffn, new_ffn, layout))
             del block
-        writer.write_shard(reader.read_all(k for k in reader.keys() if not k.startswith("transformer.h.")))
+        writer.write_shard(reader.read_all(k for k in reader.keys() if not k.startswith(fam.blocks)))
         qcfg = quantize_config(settings.bits, settings.group_size, settings.damp_percent, settings.desc_act,
                                settings.static_groups, settings.sym, settings.true_sequential,
                                model_name_or_path=model_name or str(model_dir), model_file_base_name="model",
@@ -305,7 +309,7 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
         logger.info("quantized %d blocks in %.1fs; settings %s", config.num_hidden_layers, time.time() - start,
                     asdict(settings))
         out_config = padded_config(output_config(config, qcfg), ffn, new_ffn)
-        return writer.finish(model_dir, out_config, out_config["quantization_config"])
+        return writer.finish(model_dir, out_config, out_config["quantization_config"], remote_code=fam.remote_code)
     except BaseException:
         writer.abort()
         raise

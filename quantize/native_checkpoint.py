@@ -1,0 +1,71 @@
+"""Load a GPTQ checkpoint of a transformers-native model (Qwen2 / Qwen3 / Llama) with this package's QuantLinear.
+
+The checkpoint is the standard one (the family's own parameter names, `quantization_config` in config.json), as
+`quantize_model` writes it and as GPTQModel / transformers + optimum write it. The model is transformers' own class
+(`Qwen2ForCausalLM`, ...), built on the meta device; each decoder block's linears become empty QuantLinear layers,
+then the checkpoint fills them strictly, so memory holds the packed weights only.
+"""
+import logging
+from pathlib import Path
+
+import torch
+
+from .gptq_checkpoint import gptq_settings, load_gptq_state
+from .model_families import NATIVE_MODEL_TYPES, family_for
+from .quant_linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+
+def swap_quant_linears(model, family, qc: dict, kernel: str = "auto") -> None:
+    """Replace each quantized nn.Linear of the decoder blocks by an empty QuantLinear of the same shape."""
+    _, blocks = family.base_model(model)
+    for block in blocks:
+        for name in family.linears:
+            parent_name, attr = name.rsplit(".", 1)
+            parent = block.get_submodule(parent_name)
+            linear = getattr(parent, attr)
+            setattr(parent, attr, QuantLinear(qc["bits"], qc["group_size"], linear.in_features, linear.out_features,
+                                              linear.bias is not None, checkpoint_format=qc.get("checkpoint_format",
+                                                                                                "gptq"),
+                                              kernel=kernel))
+
+
+def load_native_quantized(path, device=None, dtype=torch.float32, kernel: str = "auto"):
+    """transformers' causal LM for the GPTQ checkpoint at `path`, its block linears QuantLinear layers, in eval mode.
+
+    `dtype` is the dtype of the float parts (embedding, norms, lm_head); QuantLinear computes in its input's dtype.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    family = family_for(path)
+    if family.name not in NATIVE_MODEL_TYPES:
+        raise ValueError(f"{path} is a {family.name!r} checkpoint; this loader reads {', '.join(NATIVE_MODEL_TYPES)}")
+    config = AutoConfig.from_pretrained(path)
+    qc = gptq_settings(config, path)
+    if qc is None:
+        raise ValueError(f"{path} has no GPTQ quantization settings; load a float checkpoint with transformers")
+    if qc.get("lm_head"):
+        raise ValueError(f"{path}: a quantized lm_head is not supported")
+    if hasattr(config, "quantization_config"):  # the model is built here, not by transformers' GPTQ integration
+        del config.quantization_config
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = family.model_class(config)
+    swap_quant_linears(model, family, qc, kernel)
+    model.to_empty(device=device)
+    for module in model.modules():  # to_empty left the float parts in the default dtype
+        if not isinstance(module, QuantLinear):
+            for name, param in module.named_parameters(recurse=False):
+                param.data = param.data.to(dtype)
+    base, _ = family.base_model(model)
+    family.materialise(base, config, device)
+    tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
+    load_gptq_state(model, path, f"{path}: checkpoint does not match a {qc['bits']}-bit GPTQ {family.name} model "
+                                 "with this config.json", tied)
+    if tied:
+        model.tie_weights()
+    config.quantization_config = qc
+    logger.info("loaded %d-bit GPTQ %s checkpoint %s", qc["bits"], family.name, path)
+    return model.eval()
