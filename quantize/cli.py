@@ -13,8 +13,9 @@ TINY = "tiny"
 def build_parser(bits: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m quantize.gptq_int{bits}",
-        description=f"Quantize a Qwen (v1) checkpoint to a {bits}-bit GPTQ checkpoint (safetensors, standard GPTQ "
-                    "layout) that qwen_model, transformers + optimum/GPTQModel and vLLM load.")
+        description=f"Quantize a Qwen (v1), Qwen2 / Qwen2.5, Qwen3 or Llama checkpoint (config.json model_type qwen, "
+                    f"qwen2, qwen3, llama) to a {bits}-bit GPTQ checkpoint (safetensors, standard GPTQ layout) that "
+                    "qwen_model, transformers + optimum/GPTQModel and vLLM load.")
     p.add_argument("--model", required=True,
                    help=f"float checkpoint: a local directory, a Hugging Face hub id (needs network), or '{TINY}' "
                         "for the embedded seeded tiny model")
@@ -96,10 +97,10 @@ def _eval_ids(model_dir, eval_arg):
 def _perplexity(model_dir, ids, device):
     import torch
 
-    from qwen_model.modeling_qwen import QWenLMHeadModel
+    from quantize.native_checkpoint import load_model
     from quantize.evaluate import perplexity
 
-    model = QWenLMHeadModel.from_pretrained(model_dir).to(device)
+    model = load_model(model_dir, device)
     ctx = min(512, len(ids) // 2)
     with torch.no_grad():
         return perplexity(model, ids, ctx=ctx, n_windows=max(1, min(8, len(ids) // ctx)), progress=False)
@@ -136,7 +137,10 @@ def main(bits: int, argv=None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 1
     print(f"wrote {bits}-bit GPTQ checkpoint to {out}")
-    print_vllm_support(out)
+    from quantize.model_families import model_type_of
+
+    if model_type_of(out) == "qwen":  # the vLLM shape rules are written for Qwen v1's tensor names
+        print_vllm_support(out)
     return 0
 
 

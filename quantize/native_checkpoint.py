@@ -69,3 +69,16 @@ def load_native_quantized(path, device=None, dtype=torch.float32, kernel: str = 
     config.quantization_config = qc
     logger.info("loaded %d-bit GPTQ %s checkpoint %s", qc["bits"], family.name, path)
     return model.eval()
+
+
+def load_model(path, device=None):
+    """Any checkpoint this package quantizes or writes, float or GPTQ: Qwen v1 as `QWenLMHeadModel`, the native
+    families as transformers' own class (GPTQ ones through `load_native_quantized`), in eval mode on `device`."""
+    family = family_for(path)
+    if family.name == "qwen":
+        from qwen_model.modeling_qwen import QWenLMHeadModel
+
+        return QWenLMHeadModel.from_pretrained(path).to(device or "cpu").eval()
+    if gptq_settings(family.load_config(path), path) is not None:
+        return load_native_quantized(path, device)
+    return family.model_class.from_pretrained(path, dtype=torch.float32).to(device or "cpu").eval()
