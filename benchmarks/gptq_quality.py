@@ -1,11 +1,12 @@
-"""WikiText-2 perplexity of SmolLM2-135M (Qwen v1 layout) quantized by our GPTQ and by round-to-nearest.
+"""WikiText-2 perplexity of SmolLM2-135M (Qwen v1 layout, or with --native its own Llama layout) quantized by our
+GPTQ and by round-to-nearest.
 
 Protocol of ../shared/data/PEER_RESULTS.md: calibration = the 128 x 512 C4 token ids of
 calib_c4_smollm2_128x512.json; perplexity = wiki.test.raw, ctx 512, first 16 windows, NLL summed in float64.
 The peer's figures (GPTQModel 7.6.0, same samples, same protocol) are quoted from that file; our RTN column
 reproduces its RTN column in this harness first.
 
-    python benchmarks/gptq_quality.py [--model DIR] [--settings int8-g128 int4-g128 int4-g64 int3-g64]
+    python benchmarks/gptq_quality.py [--model DIR | --native] [--settings int8-g128 int4-g128 int4-g64 int3-g64]
 """
 import argparse
 import subprocess
@@ -21,10 +22,11 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 from calib_data.tokenization import encode_text  # noqa: E402
-from qwen_model.modeling_qwen import QWenLMHeadModel  # noqa: E402
+from benchmarks.smollm2_llama import convert as convert_native  # noqa: E402
 from qwen_model.tokenization_qwen import load_tokenizer  # noqa: E402
 from quantize.evaluate import perplexity  # noqa: E402
-from quantize.gptq_checkpoint import BLOCK_LINEARS  # noqa: E402
+from quantize.model_families import family_for  # noqa: E402
+from quantize.native_checkpoint import load_model  # noqa: E402
 from quantize.quantize_model import QuantizeSettings, quantize_checkpoint  # noqa: E402
 from quantize.quantizer import rtn_quantize  # noqa: E402
 
@@ -41,16 +43,17 @@ def wiki_ids(model_dir):
 
 
 def ppl(model_dir, ids):
-    model = QWenLMHeadModel.from_pretrained(model_dir).eval()
+    model = load_model(model_dir)
     with torch.no_grad():
         return perplexity(model, ids, ctx=512, n_windows=16, progress=False)
 
 
 def rtn_fake_quant_ppl(model_dir, ids, bits, group_size):
     """The peer file's RTN protocol: every block linear replaced in memory by its RTN weight (float32 scales)."""
-    model = QWenLMHeadModel.from_pretrained(model_dir).eval()
-    for block in model.transformer.h:
-        for name in BLOCK_LINEARS:
+    model = load_model(model_dir)
+    family = family_for(model_dir)
+    for block in family.base_model(model)[1]:
+        for name in family.linears:
             linear = block.get_submodule(name)
             linear.weight.data = rtn_quantize(linear.weight.data, bits, group_size, sym=True).weight
     with torch.no_grad():
@@ -59,7 +62,8 @@ def rtn_fake_quant_ppl(model_dir, ids, bits, group_size):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="SmolLM2 in Qwen layout (default: convert it into a temp dir)")
+    p.add_argument("--model", help="SmolLM2 checkpoint dir (default: convert it into a temp dir)")
+    p.add_argument("--native", action="store_true", help="convert to the native Llama layout instead of Qwen v1")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--no-group-aware", action="store_true")
@@ -72,7 +76,9 @@ def main():
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
         model_dir = Path(args.model) if args.model else Path(work) / "smollm2"
-        if not args.model:
+        if not args.model and args.native:
+            convert_native(model_dir)
+        elif not args.model:
             subprocess.run([sys.executable, str(SHARED / "tools" / "smollm2_to_qwen.py"), str(model_dir)],
                            check=True, capture_output=True)
         ids = wiki_ids(model_dir)

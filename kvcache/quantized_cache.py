@@ -52,6 +52,14 @@ def _validate(bits: int, granularity: str, storage_dtype=None, key_layout: str =
         raise ValueError("key_layout='channel_groups' is a 4-bit layout (bits=4, granularity='token')")
 
 
+class QuantizedStates(tuple):
+    """``(q_key, key_scale, key_zero)`` as ``QuantizedKVLayer.update`` returns it, with ``fresh``: the float
+    ``(key, value)`` of that update, for the attention call that follows (a chunk attends to itself in full
+    precision). The layer keeps no float copy; this one lives as long as the caller holds the return value."""
+
+    fresh = None
+
+
 class QuantizedKVLayer(DynamicLayer):
     """One attention layer's quantized cache, grown by concatenation along the sequence axis."""
 
@@ -116,7 +124,9 @@ class QuantizedKVLayer(DynamicLayer):
             self._set_states(new)
         else:
             self._set_states(torch.cat((old, fresh), dim=-2) for old, fresh in zip(self._states(), new))
-        return (self.q_key, self.key_scale, self.key_zero), (self.q_value, self.value_scale, self.value_zero)
+        keys = QuantizedStates((self.q_key, self.key_scale, self.key_zero))
+        keys.fresh = (key_states, value_states) if self.granularity == "token" else None
+        return keys, (self.q_value, self.value_scale, self.value_zero)
 
     def _update_grouped(self, key_states, value_states, positions):
         """Appends to the key residual, quantizes the groups it completes, and the values per token."""
