@@ -156,6 +156,7 @@ def load_tokenizer(path: str, **kwargs):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     if os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(os.path.join(path, "qwen.tiktoken")):
-        return AutoTokenizer.from_pretrained(path, **kwargs)
+        # Our model code in the directory is for the model, not the tokenizer: never prompt to run it.
+        return AutoTokenizer.from_pretrained(path, **{"trust_remote_code": False, **kwargs})
     vocab = os.path.join(path, "qwen.tiktoken")
     return QWenTokenizer(vocab_file=vocab if os.path.isfile(vocab) else None, **kwargs)
