@@ -49,3 +49,12 @@ def qwen_tokenizer(tiny_dir):
     from qwen_model.tokenization_qwen import QWenTokenizer
 
     return QWenTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_llama_dir(smollm2_dir, tmp_path_factory):
+    """SmolLM2-135M-Instruct in its native Llama layout (3 KV heads, tied embedding), float32, with the tokenizer of
+    `smollm2_dir`: benchmarks/smollm2_llama.py, the GGUF read by transformers."""
+    from benchmarks.smollm2_llama import convert
+
+    return convert(tmp_path_factory.mktemp("smollm2_llama") / "model", qwen_dir=smollm2_dir)
