@@ -121,16 +121,17 @@ def has_gptq_tensors(path) -> bool:
     return holds_safetensors(path) and any(k.endswith(".qweight") for k in LazyCheckpoint(path).keys())
 
 
-def replace_linears(model: nn.Module, qc: dict) -> None:
-    """Swap every quantized nn.Linear of the decoder blocks for an empty QuantLinear of the same shape."""
+def replace_linears(model: nn.Module, qc: dict, blocks=None, names=BLOCK_LINEARS, kernel: str = "auto") -> None:
+    """Swap the named nn.Linear of every decoder block (default: a Qwen v1 model's) for an empty QuantLinear of the
+    same shape."""
     fmt = qc.get("checkpoint_format", "gptq")
-    for block in model.transformer.h:
-        for name in BLOCK_LINEARS:
+    for block in model.transformer.h if blocks is None else blocks:
+        for name in names:
             parent_name, attr = name.rsplit(".", 1)
             parent = block.get_submodule(parent_name)
             linear = getattr(parent, attr)
             layer = QuantLinear(qc["bits"], qc["group_size"], linear.in_features, linear.out_features,
-                                linear.bias is not None, checkpoint_format=fmt)
+                                linear.bias is not None, checkpoint_format=fmt, kernel=kernel)
             setattr(parent, attr, layer)
 
 

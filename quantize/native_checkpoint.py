@@ -10,25 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .gptq_checkpoint import gptq_settings, load_gptq_state
+from .gptq_checkpoint import gptq_settings, load_gptq_state, replace_linears
 from .model_families import NATIVE_MODEL_TYPES, family_for
 from .quant_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
-
-
-def swap_quant_linears(model, family, qc: dict, kernel: str = "auto") -> None:
-    """Replace each quantized nn.Linear of the decoder blocks by an empty QuantLinear of the same shape."""
-    _, blocks = family.base_model(model)
-    for block in blocks:
-        for name in family.linears:
-            parent_name, attr = name.rsplit(".", 1)
-            parent = block.get_submodule(parent_name)
-            linear = getattr(parent, attr)
-            setattr(parent, attr, QuantLinear(qc["bits"], qc["group_size"], linear.in_features, linear.out_features,
-                                              linear.bias is not None, checkpoint_format=qc.get("checkpoint_format",
-                                                                                                "gptq"),
-                                              kernel=kernel))
 
 
 def load_native_quantized(path, device=None, dtype=torch.float32, kernel: str = "auto"):
@@ -53,11 +39,11 @@ def load_native_quantized(path, device=None, dtype=torch.float32, kernel: str = 
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = family.model_class(config)
-    swap_quant_linears(model, family, qc, kernel)
+    replace_linears(model, qc, family.base_model(model)[1], family.linears, kernel)
     model.to_empty(device=device)
     for module in model.modules():  # to_empty left the float parts in the default dtype
         if not isinstance(module, QuantLinear):
-            for name, param in module.named_parameters(recurse=False):
+            for param in module.parameters(recurse=False):
                 param.data = param.data.to(dtype)
     base, _ = family.base_model(model)
     family.materialise(base, config, device)
