@@ -123,7 +123,7 @@ def has_gptq_tensors(path) -> bool:
 
 def replace_linears(model: nn.Module, qc: dict, blocks=None, names=BLOCK_LINEARS, kernel: str = "auto") -> None:
     """Swap the named nn.Linear of every decoder block (default: a Qwen v1 model's) for an empty QuantLinear of the
-    same shape."""
+    same shape, running on `kernel` (see QuantLinear)."""
     fmt = qc.get("checkpoint_format", "gptq")
     for block in model.transformer.h if blocks is None else blocks:
         for name in names:
@@ -135,8 +135,8 @@ def replace_linears(model: nn.Module, qc: dict, blocks=None, names=BLOCK_LINEARS
             setattr(parent, attr, layer)
 
 
-def load_quantized(model_cls, path, config, device=None):
-    """Build `model_cls(config)` with QuantLinear layers and load a GPTQ checkpoint into it, strictly.
+def load_quantized(model_cls, path, config, device=None, kernel: str = "auto"):
+    """Build `model_cls(config)` with QuantLinear layers on `kernel` and load a GPTQ checkpoint into it, strictly.
 
     Settings come from `gptq_settings`; GPTQ tensors without settings, missing tensors, tensors with no place in the
     model and shape mismatches are one clear error each, naming the tensors. Known harmless extras
@@ -148,11 +148,11 @@ def load_quantized(model_cls, path, config, device=None):
     config.quantization_config = qc
     with torch.device("meta"):
         model = model_cls(config)
-    replace_linears(model, qc)
+    replace_linears(model, qc, kernel=kernel)
     model.to_empty(device=device or "cpu")
     load_gptq_state(model, path, f"{path}: checkpoint does not match a {qc['bits']}-bit GPTQ Qwen model with this "
                                  "config.json")
-    logger.info("loaded %d-bit GPTQ checkpoint %s", qc["bits"], path)
+    logger.info("loaded %d-bit GPTQ checkpoint %s (QuantLinear kernel=%r)", qc["bits"], path, kernel)
     return model.eval()
 
 

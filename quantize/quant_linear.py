@@ -1,9 +1,12 @@
 """QuantLinear: a linear layer holding GPTQ-packed weights, loadable from a GPTQ safetensors checkpoint.
 
 Buffers are named as in AutoGPTQ/GPTQModel checkpoints (qweight, qzeros, scales, g_idx, bias), so
-`load_state_dict` of a checkpoint fills them. forward dequantizes into a temporary float weight and calls
-F.linear (any device, any bit width); on CUDA with Triton available and 2/4/8 bits it uses the fused Triton
-dequantize-matmul kernel instead.
+`load_state_dict` of a checkpoint fills them. Kernels (`kernel=`, the one in use is logged once per
+kind of layer): "torch" dequantizes into a temporary float weight and calls F.linear (any device, any bit width; the
+reference the others are tested against); "triton" is the fused Triton dequantize-matmul (CUDA, 2/4/8 bits);
+"int4pack" is torch's CPU int4 kernel (quantize.int4pack_cpu, 2/3/4/8 bits, group sizes that are multiples of 32),
+repacked once at the first forward and kept next to the standard buffers, which state_dict still returns.
+"auto" picks Triton on CUDA and int4pack on CPU, and the torch path where neither takes the layer.
 """
 from __future__ import annotations
 
@@ -13,24 +16,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import int4pack_cpu
 from .pack import (check_checkpoint_format, checkpoint_format_for, dequantize_weight, pack_layer,
-                   packed_length)
+                   packed_length, unpack_layer)
 from .quantizer import check_bits, check_group_size, num_groups
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch", "triton", "int4pack")
 
 try:
     from .triton_dequant_matmul import KERNEL_BITS, dequant_matmul
 except ImportError:  # Triton is an optional extra
     KERNEL_BITS, dequant_matmul = (), None
 
+_logged = set()
+
+
+def _log_once(message: str, *args) -> None:
+    if (message, args) not in _logged:
+        _logged.add((message, args))
+        log.info(message, *args)
+
 
 class QuantLinear(nn.Module):
     """y = x @ W^T + bias with W stored in the GPTQ format (see quantize.pack).
 
-    kernel: "auto" (Triton on CUDA when it supports the bit width, else torch), "torch" or "triton".
+    kernel: "auto" (Triton on CUDA, int4pack on CPU, where they take the layer; else torch), "torch", "triton"
+    or "int4pack" (falls back to torch, logged once, for group sizes the CPU kernel cannot take).
     """
 
     def __init__(self, bits: int, group_size: int, in_features: int, out_features: int, bias: bool,
@@ -50,6 +63,7 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.checkpoint_format = checkpoint_format
         self.kernel = kernel
+        self._int4pack = None  # the repacked weight, built at the first CPU forward (not in state_dict)
         n_groups = num_groups(in_features, group_size)
         gs = check_group_size(group_size, in_features)
         self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32))
@@ -94,16 +108,44 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                  self.checkpoint_format, dtype)
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.kernel == "triton":
-            return True
-        return (self.kernel == "auto" and dequant_matmul is not None and x.is_cuda and self.bits in KERNEL_BITS
-                and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._int4pack = None  # new buffers: repack at the next forward
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._int4pack = None  # .to() / .half() / to_empty(): repack from the moved buffers when needed
+        return super()._apply(fn, recurse)
+
+    def kernel_for(self, x: torch.Tensor) -> str:
+        """The kernel forward uses for input x: "triton", "int4pack" or "torch"."""
+        floating = x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        if self.kernel == "triton" or (self.kernel == "auto" and dequant_matmul is not None and x.is_cuda
+                                       and self.bits in KERNEL_BITS and floating):
+            return "triton"
+        if self.kernel in ("auto", "int4pack") and x.device.type == "cpu" and floating:
+            if int4pack_cpu.supports(self.bits, self.group_size, self.in_features):
+                return "int4pack"
+            _log_once("QuantLinear: the CPU int4pack kernel takes group sizes that are multiples of 32; "
+                      "%d-bit group_size %d layers use the torch (dequantize) path", self.bits, self.group_size)
+        return "torch"
+
+    def int4pack_weight(self) -> int4pack_cpu.Int4PackWeight:
+        """The weight repacked for the CPU int4 kernel (built once from the buffers, then cached)."""
+        if self._int4pack is None:
+            codes, zeros = unpack_layer(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                        self.checkpoint_format)
+            self._int4pack = int4pack_cpu.Int4PackWeight(codes, zeros, self.scales, self.g_idx, self.bits,
+                                                         self.group_size)
+        return self._int4pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_triton(x):
+        kernel = self.kernel_for(x)
+        _log_once("QuantLinear: %d-bit layers run on the %s kernel (kernel=%r)", self.bits, kernel, self.kernel)
+        if kernel == "triton":
             y = dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                self.checkpoint_format)
+        elif kernel == "int4pack":
+            y = self.int4pack_weight().matmul(x)
         else:
             y = F.linear(x, self.dequantize_weight(x.dtype))
         if self.bias is not None:
@@ -112,4 +154,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}, format={self.checkpoint_format}")
+                f"group_size={self.group_size}, bias={self.bias is not None}, format={self.checkpoint_format}, "
+                f"kernel={self.kernel}")

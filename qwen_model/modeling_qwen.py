@@ -318,8 +318,12 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             self.to(dtype)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, gptq_backend: str = "qwen", **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, gptq_backend: str = "qwen",
+                        gptq_kernel: str = "auto", **kwargs):
         """Load a float checkpoint, or a GPTQ one with our QuantLinear; never a model with random weights.
+
+        `gptq_kernel` chooses QuantLinear's kernel ("auto": Triton on CUDA, torch's int4 kernel on CPU; "torch": the
+        dequantize reference; "triton"; "int4pack"), see quantize.quant_linear.
 
         A local directory loads quantized when its config.json has a gptq `quantization_config`, when it has a
         `quantize_config.json`, or when its safetensors hold GPTQ tensors (`qweight`): then the settings must be
@@ -340,7 +344,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                                                                  "trust_remote_code", "output_loading_info")})
             if gptq_settings(config, path) is not None or has_gptq_tensors(path):
                 device = kwargs.get("device_map")
-                return load_quantized(cls, path, config, device=device if isinstance(device, str) else None)
+                return load_quantized(cls, path, config, device=device if isinstance(device, str) else None,
+                                      kernel=gptq_kernel)
             want_info = kwargs.pop("output_loading_info", False)
             model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
                                                   output_loading_info=True, **kwargs)
