@@ -6,7 +6,7 @@
 #   3. a Qwen-7B-shaped random checkpoint (bf16, hidden 4096, FFN 11008, vocab 151936; 8 of the 32 blocks, to fit
 #      the time: per-token figures are then those of a quarter-depth model) and its Int4 g128 RTN checkpoint;
 #   4. qwen_model.profile: float vs Int4 weights x float vs int8 KV cache, batch 1/16/64, 1024-token context.
-# Results go to stdout and to $OUT (profile_b*.json/.md, tests.log, versions.txt).
+# Results go to stdout and to $OUT (profile.json/.md, tests.log, versions.txt).
 #
 #   benchmarks/gpu_check.sh --prepare   # here, with PyPI: wheels the GPU image may lack -> .device_wheels/
 #   benchmarks/gpu_check.sh             # on the GPU machine (device tool: carry .device_wheels)
@@ -79,9 +79,8 @@ write_random_checkpoint(sys.argv[1], int(sys.argv[2]), $dims, dtype="bf16")
 PY
 "$py" -m quantize.gptq_int4 --model "$work/float" --method rtn --device "$device" --out "$work/int4" -q
 
-for b in $batches; do
-  echo "== profile, batch $b"
-  timeout 300 "$py" -m qwen_model.profile --model "$work/float" "$work/int4" --kv float int8 --context "$context" \
-    --generate "$generate" --batch "$b" --device "$device" --json "$out/profile_b$b.json" | tee "$out/profile_b$b.md"
-done
+echo "== profile, batch $batches"
+timeout 330 "$py" -m qwen_model.profile --model "$work/float" "$work/int4" --kv float int8 --context "$context" \
+  --generate "$generate" --batch $batches --device "$device" --input random --json "$out/profile.json" \
+  | tee "$out/profile.md"
 echo "gpu_check: done, results in $out"
