@@ -127,7 +127,8 @@ def chunked_perplexity(model, input_ids, ctx: int = 1024, chunk: int = 128, n_wi
 
 def _parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m quantize.evaluate",
-                                     description="Perplexity of a Qwen checkpoint on a raw text file.")
+                                     description="Perplexity of a checkpoint (Qwen v1, Qwen2, Qwen3, Llama; float or "
+                                                 "GPTQ) on a raw text file.")
     parser.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer)")
     parser.add_argument("--data", required=True, help="raw text file, e.g. wiki.test.raw; scored as one text")
     parser.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
 
     from calib_data.tokenization import encode_text
     from qwen_model import load_tokenizer
-    from qwen_model.modeling_qwen import QWenLMHeadModel
+    from quantize.native_checkpoint import load_model
 
     try:
         text = data_file.read_text(encoding="utf-8")
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
         return _fail(f"{data_file} is not UTF-8 text: {error}")
     try:
         tokenizer = load_tokenizer(str(model_dir))
-        model = QWenLMHeadModel.from_pretrained(str(model_dir)).to(device)
+        model = load_model(model_dir, device)
     except (OSError, ValueError) as error:
         return _fail(f"cannot load model from {model_dir}: {error}")
     ids = encode_text(tokenizer, text)

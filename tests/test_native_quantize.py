@@ -166,3 +166,17 @@ def test_ffn_padding_is_refused_for_native(native_dirs, tmp_path):
     r = run_cli(4, "--model", native_dirs["llama"], "--out", tmp_path / "out", "--ffn-multiple", "256", *FAST)
     assert r.returncode == 1 and "Qwen v1 checkpoints only" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_cli_reads_native_checkpoints(quantized, native_dirs):
+    import calib_data
+    from pathlib import Path
+
+    text = Path(calib_data.__file__).with_name("heldout_eval.txt")
+    scores = []
+    for model in (native_dirs["qwen3"], quantized["qwen3", 8]):
+        r = subprocess.run([sys.executable, "-m", "quantize.evaluate", "--model", str(model), "--data", str(text),
+                            "--ctx", "64", "--windows", "2"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        scores.append(float(r.stdout.split("perplexity: ")[1].split()[0]))
+    assert abs(scores[1] / scores[0] - 1) < 0.05  # int8 of the float model
