@@ -1,0 +1,56 @@
+"""Does the CPU int4pack kernel change what a real model computes? Logits and WikiText-2 perplexity of GPTQ
+checkpoints of SmolLM2-135M (Qwen v1 layout) with QuantLinear kernel="int4pack" against kernel="torch" (the
+dequantize reference), float32 activations.
+
+Logits: relative error (Frobenius norm of the difference over that of the reference) on the first 512-token window.
+Perplexity: the convention of ../shared/data/README.md (wiki.test.raw, ctx 512), the first --windows windows.
+
+    python -m quantize.gptq_int4 --model SMOL --method rtn --out INT4   # and quantize.gptq_int8 ... --out INT8
+    flock /tmp/bench.lock python benchmarks/quant_linear_quality.py INT4 INT8 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from qwen_model.modeling_qwen import QWenLMHeadModel  # noqa: E402
+from qwen_model.tokenization_qwen import load_tokenizer  # noqa: E402
+from quantize.evaluate import perplexity  # noqa: E402
+
+WIKI = REPO.parent / "shared" / "data" / "wiki.test.raw"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", help="GPTQ checkpoint directories")
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for path in args.models:
+        tok = load_tokenizer(path)
+        ids = tok(WIKI.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        window = torch.tensor([ids[:args.ctx]])
+        logits, ppl = {}, {}
+        for kernel in ("torch", "int4pack"):
+            model = QWenLMHeadModel.from_pretrained(path, gptq_kernel=kernel).float().eval()
+            with torch.no_grad():
+                logits[kernel] = model(window).logits
+            ppl[kernel] = perplexity(model, ids, ctx=args.ctx, n_windows=args.windows, progress=False)
+            del model
+        rel = ((logits["int4pack"] - logits["torch"]).norm() / logits["torch"].norm()).item()
+        drift = (ppl["int4pack"] / ppl["torch"] - 1) * 100
+        print(f"{path}: logits rel. error {rel:.2e}; perplexity ({args.windows} x {args.ctx}) torch {ppl['torch']:.3f}, "
+              f"int4pack {ppl['int4pack']:.3f} ({drift:+.3f}%)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
