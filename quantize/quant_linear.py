@@ -6,7 +6,8 @@ kind of layer): "torch" dequantizes into a temporary float weight and calls F.li
 reference the others are tested against); "triton" is the fused Triton dequantize-matmul (CUDA, 2/4/8 bits);
 "int4pack" is torch's CPU int4 kernel (quantize.int4pack_cpu, 2/3/4/8 bits, group sizes that are multiples of 32),
 repacked once at the first forward and kept next to the standard buffers, which state_dict still returns.
-"auto" picks Triton on CUDA and int4pack on CPU, and the torch path where neither takes the layer.
+"auto" picks Triton on CUDA and int4pack on CPU (the torch path for inputs of PREFILL_ROWS rows or more, i.e.
+prefill, where a float GEMM on a temporary weight is faster), and the torch path where neither takes the layer.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ try:
     from .triton_dequant_matmul import KERNEL_BITS, dequant_matmul
 except ImportError:  # Triton is an optional extra
     KERNEL_BITS, dequant_matmul = (), None
+
+# From this many input rows on, "auto" on CPU dequantizes into a temporary weight (not kept) and runs a float GEMM:
+# measured on the 2-core box at 1024 rows, that beats the int4pack kernel (2x for 8 bits, whose two nibble planes
+# double the kernel's work), while one-token decode is where int4pack wins.
+PREFILL_ROWS = 64
 
 _logged = set()
 
@@ -123,6 +129,10 @@ class QuantLinear(nn.Module):
                                        and self.bits in KERNEL_BITS and floating):
             return "triton"
         if self.kernel in ("auto", "int4pack") and x.device.type == "cpu" and floating:
+            if self.kernel == "auto" and x.numel() >= PREFILL_ROWS * self.in_features:
+                _log_once("QuantLinear: inputs of %d rows or more (prefill) use the torch (dequantize) path, "
+                          "faster there than the int4pack kernel", PREFILL_ROWS)
+                return "torch"
             if int4pack_cpu.supports(self.bits, self.group_size, self.in_features):
                 return "int4pack"
             _log_once("QuantLinear: the CPU int4pack kernel takes group sizes that are multiples of 32; "

@@ -152,3 +152,15 @@ def test_cli_checkpoint_loads_and_matches_reference(cli_checkpoint, qwen_tokeniz
     saved = fast.state_dict()
     assert not any("int4pack" in k for k in saved)
     assert all(torch.equal(saved[k], v) for k, v in ref.state_dict().items())
+
+
+def test_auto_prefill_rows_take_the_dequantize_path():
+    from quantize.quant_linear import PREFILL_ROWS
+
+    res = solved(32, 128, 4, 64, False, True, seed=4)
+    auto = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, None, 4, 64)
+    _, ref = pair(res, 4, 64, bias=False)
+    long, short = torch.randn(1, PREFILL_ROWS, 128), torch.randn(2, PREFILL_ROWS // 2 - 1, 128)
+    assert auto.kernel_for(long) == "torch" and auto.kernel_for(short) == "int4pack"
+    assert torch.equal(auto(long), ref(long))
+    assert_close(auto(short), ref(short))
