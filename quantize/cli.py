@@ -1,6 +1,7 @@
 """Command line shared by `python -m quantize.gptq_int4` and `python -m quantize.gptq_int8`."""
 import argparse
 import logging
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -8,6 +9,21 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived: unwinds like KeyboardInterrupt, so the writer removes its temporary directory."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    for s in STOP_SIGNALS:  # a second signal must not cut the clean-up short
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 def build_parser(bits: int) -> argparse.ArgumentParser:
@@ -116,6 +132,7 @@ def main(bits: int, argv=None) -> int:
                                 true_sequential=not args.no_true_sequential,
                                 act_group_aware=not args.no_group_aware, scale_search=not args.no_scale_search,
                                 method=args.method)
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     try:
         with tempfile.TemporaryDirectory() as work:
             model_dir = resolve_model(args.model, Path(work))
@@ -129,13 +146,16 @@ def main(bits: int, argv=None) -> int:
             if args.eval:
                 after = _perplexity(out, ids, args.device or "cpu")
                 print(f"perplexity before {before:.4f}  after {after:.4f}  ({(after / before - 1) * 100:+.2f}%)")
-    except KeyboardInterrupt:
-        print("error: interrupted; no checkpoint was written", file=sys.stderr)
-        return 130
+    except Stopped as e:
+        print(f"error: stopped by {e}; no checkpoint was written", file=sys.stderr)
+        return 128 + e.signum
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     print(f"wrote {bits}-bit GPTQ checkpoint to {out}")
     from quantize.model_families import model_type_of
 

@@ -4,8 +4,10 @@ Layout (what transformers + optimum, GPTQModel/AutoGPTQ and vLLM read): one safe
 one for the rest, `model.safetensors.index.json`, `quantize_config.json`, `quantization_config` inside
 `config.json`, the tokenizer files and our model code (so `trust_remote_code=True` works).
 """
+import fcntl
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,18 +36,26 @@ def is_checkpoint_dir(path) -> bool:
 
 
 class CheckpointWriter:
-    """Writes a GPTQ checkpoint into a temporary sibling of `out_dir`, renamed into place by `finish()`."""
+    """Writes a GPTQ checkpoint into a temporary sibling of `out_dir`, renamed into place by `finish()`.
+
+    While it writes it holds an exclusive lock on `.<name>.lock` beside `out_dir` (`OutputLock`), so two runs
+    writing the same output cannot interleave; `finish()` and `abort()` release it."""
 
     def __init__(self, out_dir, num_shards: int, overwrite: bool = False):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise FileExistsError(f"output path {self.out_dir} exists and is not a directory")
-        if self.out_dir.is_dir() and any(self.out_dir.iterdir()) and not overwrite:
-            what = "a checkpoint" if is_checkpoint_dir(self.out_dir) else "files"
-            raise FileExistsError(f"output directory {self.out_dir} already holds {what}; pass --overwrite to "
-                                  "replace it")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self.lock = OutputLock(self.out_dir)
+        try:
+            if self.out_dir.is_dir() and any(self.out_dir.iterdir()) and not overwrite:
+                what = "a checkpoint" if is_checkpoint_dir(self.out_dir) else "files"
+                raise FileExistsError(f"output directory {self.out_dir} already holds {what}; pass --overwrite to "
+                                      "replace it")
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        except BaseException:
+            self.lock.release()
+            raise
         self.tmp.chmod(0o755)
         self.num_shards = num_shards
         self.weight_map = {}
@@ -81,10 +91,45 @@ class CheckpointWriter:
             write_remote_code(self.tmp)
         write_chat_files(self.tmp)
         replace_dir_atomically(self.tmp, self.out_dir)
+        self.lock.release()
         return self.out_dir
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.lock.release()
+
+
+class OutputLock:
+    """An exclusive `flock` on `.<name>.lock` beside an output directory, taken without waiting.
+
+    The OS drops it when the process dies however it dies; `release()` also removes the file. A run that takes the
+    lock re-checks that the path still names the file it locked, since a finishing run may have just removed it."""
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir).with_name(f".{Path(out_dir).name}.lock")
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FileExistsError(f"another run is writing {out_dir} (it holds {self.path}); wait for it to "
+                                      "finish or choose another --out") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
 
 
 def gptq_settings(config, path=None) -> dict | None:

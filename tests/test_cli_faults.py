@@ -1,0 +1,97 @@
+"""Faults during a real CLI run (real subprocesses, real signals): SIGINT/SIGTERM, two runs on one --out, a killed
+run, a full disk. None may leave a partial checkpoint, a temporary directory or a lock file, or damage an existing
+checkpoint."""
+import hashlib
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+WORK = ["--nsamples", "64", "--seqlen", "512", "--group-size", "32"]
+
+
+def start_cli(tiny_dir, out, *args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "quantize.gptq_int4", "--model", str(tiny_dir), "--out", str(out),
+                             *WORK, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_mid_run(proc, out, timeout=300):
+    """Block until the run has created its temporary output directory, i.e. it holds the lock and is writing."""
+    deadline = time.time() + timeout
+    while not list(out.parent.glob(f".{out.name}.tmp-*")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the run never started writing"
+        time.sleep(0.05)
+
+
+def leftovers(out):
+    return sorted(p.name for p in out.parent.glob(f".{out.name}*"))
+
+
+def digest(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_run_leaves_nothing(signum, tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = start_cli(tiny_dir, out)
+    wait_mid_run(proc, out)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().splitlines()[-1] == (f"error: stopped by {signal.Signals(signum).name}; no checkpoint was "
+                                            "written"), err
+    assert "Traceback" not in err
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_second_run_on_the_same_out_is_refused_while_the_first_writes(tiny_dir, tmp_path):
+    """The first run is frozen (SIGSTOP) while it writes, so the second one certainly meets it."""
+    out = tmp_path / "out"
+    first = start_cli(tiny_dir, out)
+    wait_mid_run(first, out)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run([sys.executable, "-m", "quantize.gptq_int4", "--model", str(tiny_dir), "--out",
+                                 str(out), *WORK, "--overwrite"], capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 1, second.stderr
+    assert second.stderr.strip().splitlines()[-1].startswith(f"error: another run is writing {out}"), second.stderr
+    assert not out.exists()
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file()
+    assert leftovers(out) == []
+
+
+def test_killed_or_disk_full_run_leaves_the_existing_checkpoint_intact(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "quantize.gptq_int4", "--model", str(tiny_dir), "--out", str(out),
+                        *WORK], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    before = digest(out)
+
+    killed = start_cli(tiny_dir, out, "--overwrite")
+    wait_mid_run(killed, out)
+    killed.kill()
+    killed.communicate(timeout=60)
+    assert digest(out) == before
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # SIGKILL cannot be cleaned up after; the lock can
+        stale.rename(tmp_path / f"killed-{stale.name}")
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    full = subprocess.run([sys.executable, "-m", "quantize.gptq_int4", "--model", str(tiny_dir), "--out", str(out),
+                           *WORK, "--overwrite"], capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    last = full.stderr.strip().splitlines()[-1]
+    assert full.returncode == 1 and last.startswith("error: cannot write") and "another run" not in last, full.stderr
+    assert digest(out) == before
+    assert leftovers(out) == []
