@@ -1,6 +1,10 @@
 """Build entry for the Qwen quantization and KV-cache compression toolkit."""
 from setuptools import setup
 
+# The peers CI tests interoperability with (tests/test_peer_gptqmodel.py, test_native_*.py): transformers + optimum +
+# GPTQModel. gptqmodel 7.6.0 pins numpy 2.2.6 (inside our numpy range) and pulls in torchao.
+INTEROP = ["gptqmodel==7.6.0", "optimum==2.3.0"]
+
 setup(
     name="qwen-quant-toolkit",
     version="0.1.0",
@@ -26,8 +30,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.2,<3.10"],
         "test": ["pytest>=8,<10", "triton>=3.2,<3.10", "gguf>=0.10,<0.20"],
-        # The peers we measure against (benchmarks, tests/test_peer_gptqmodel.py). gptqmodel pins numpy 2.2.6 and
-        # pulls in torchao; hqq slows every transformers import, so install it with --target where that matters.
-        "peer": ["gptqmodel==7.6.0", "optimum==2.3.0", "optimum-quanto==0.2.7", "hqq==0.2.8.post1"],
+        "interop": INTEROP,
+        # Every peer we measure against (benchmarks): the interop ones plus the KV-cache peers, kept out of CI; hqq
+        # slows every transformers import, so install it with --target where that matters.
+        "peer": INTEROP + ["optimum-quanto==0.2.7", "hqq==0.2.8.post1"],
     },
 )

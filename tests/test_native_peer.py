@@ -3,16 +3,17 @@
 dequantized weights and the same greedy tokens as through this package; (b) GPTQModel's own checkpoint of a tiny
 GQA Llama loads in this package with its exact weights and logits.
 
-Skipped unless gptqmodel and optimum are installed (pip install -e ".[peer]")."""
+Needs gptqmodel and optimum (pip install -e ".[interop]"): skipped without them, an error under CI=true."""
 import contextlib
 import os
 
 import pytest
 import torch
+from peers import require
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-pytest.importorskip("optimum")
-pytest.importorskip("gptqmodel")
+require("optimum")
+require("gptqmodel")
 
 from test_peer_gptqmodel import _root_logging_untouched  # noqa: E402,F401  (autouse: undo gptqmodel's logging)
 from transformers import AutoModelForCausalLM, GPTQConfig  # noqa: E402
@@ -46,7 +47,7 @@ def _quantize(src, out, variant):
 def test_transformers_gptq_path_matches_ours(native_dirs, tmp_path, model_type, variant):
     out = _quantize(native_dirs[model_type], tmp_path / "q", variant)
     bits = VARIANTS[variant][0]
-    ours = load_native_quantized(out)
+    ours = load_native_quantized(out, kernel="torch")
     hf = AutoModelForCausalLM.from_pretrained(out, quantization_config=GPTQConfig(bits=bits, backend="gptq_torch"),
                                               dtype=torch.float32).eval()
     assert type(hf) is type(ours)
@@ -87,7 +88,7 @@ def peer_llama(native_dirs, tmp_path_factory):
 def test_gptqmodel_checkpoint_loads_in_ours(peer_llama):
     from gptqmodel import GPTQModel
 
-    ours = load_native_quantized(peer_llama)
+    ours = load_native_quantized(peer_llama, kernel="torch")
     peer = GPTQModel.load(str(peer_llama), device="cpu", backend="gptq_torch", dtype=torch.float16)
     for i, (layer, block) in enumerate(zip(peer.model.model.layers, ours.model.layers)):
         for name in get_family("llama").linears:

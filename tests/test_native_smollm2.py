@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from peers import require
 
 from qwen_model.checkpoint import LazyCheckpoint
 from qwen_model.modeling_qwen import QWenLMHeadModel
@@ -79,8 +80,8 @@ def test_gptq_codes_equal_the_qwen_layouts(both_quantized):
 
 
 def test_native_checkpoint_same_tokens_through_transformers(both_quantized, smollm2_llama_dir):
-    pytest.importorskip("optimum")
-    pytest.importorskip("gptqmodel")
+    require("optimum")
+    require("gptqmodel")
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
     path = both_quantized["llama"]
