@@ -16,7 +16,7 @@ import math
 import torch
 
 from kvcache.quantize_cache import GroupedKeys, dequantize_cache_torch, dequantize_key_groups
-from kvcache.rotary import apply_rotary_pos_emb, cos_sin_at
+from kvcache.rotary import apply_rotary_pos_emb, cached_cos_sin_at
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def rotated_keys(keys: GroupedKeys, inv_freq: torch.Tensor, dtype: torch.dtype) 
         raise ValueError("the channel_groups key layout stores pre-RoPE keys: pass the rotary inv_freq")
     key = torch.cat((dequantize_key_groups(keys.q_key, keys.scale, keys.zero).to(dtype), keys.residual.to(dtype)),
                     dim=-2)
-    cos, sin = cos_sin_at(keys.positions.clamp(min=0), inv_freq.to(key.device))
+    cos, sin = cached_cos_sin_at(keys.positions.clamp(min=0), inv_freq.to(key.device))
     return apply_rotary_pos_emb(key, cos, sin)
 
 
@@ -179,10 +179,13 @@ def _attention_grouped(query, layer_past, attn_mask, scale, backend, inv_freq):
 def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fresh=None, inv_freq=None):
     """Attention over a quantized layer with the chosen backend.
 
-    With ``fresh`` (the current chunk's float key/value, see ``attention_torch``) the torch path runs whatever the
-    backend: the fused kernels read every position from the quantized cache.
+    "auto" off CUDA runs ``kvcache.chunked_attention.attention_chunked`` (the codes read block by block with the
+    scale/zero algebra, no float copy of the layer; it takes ``fresh`` and both key layouts); "torch" is the
+    reference that dequantizes the whole layer. Otherwise, with ``fresh`` (the current chunk's float key/value, see
+    ``attention_torch``) the torch reference runs whatever the backend: the fused kernels read every position from
+    the quantized cache.
 
-    "auto" picks the compiled CUDA kernels when they are already loaded in this process (see
+    On CUDA, "auto" picks the compiled CUDA kernels when they are already loaded in this process (see
     ``kvcache.cpp_kernels.load_cache_kernels``) and the tensors are on CUDA, else the fused Triton kernel on CUDA,
     else the torch reference. "cuda" builds/loads the kernels on demand and falls back to torch if that fails. The
     CUDA kernels do not read the ``"channel_groups"`` key layout (which needs ``inv_freq``): it goes to the Triton
@@ -190,6 +193,10 @@ def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fre
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and not query.is_cuda:
+        from kvcache.chunked_attention import attention_chunked
+
+        return attention_chunked(query, layer_past, attn_mask, scale, fresh=fresh, inv_freq=inv_freq)
     if backend == "torch" or fresh is not None:
         return attention_torch(query, layer_past, attn_mask, scale, fresh=fresh, inv_freq=inv_freq)
     if isinstance(layer_past[0], GroupedKeys):

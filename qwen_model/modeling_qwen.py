@@ -108,7 +108,7 @@ class QWenAttention(nn.Module):
             layer_past = (key, value)
 
         if quantized:
-            backend = "torch" if query.device.type == "cpu" else ("cuda" if self.config.use_cache_kernel else "triton")
+            backend = "auto" if query.device.type == "cpu" else ("cuda" if self.config.use_cache_kernel else "triton")
             # A prefill chunk attends to its own keys/values in full precision and to earlier ones through the
             # quantized cache; "chunk" granularity keeps the original release's all-quantized arithmetic.
             fresh = (key, value) if s > 1 and self.config.cache_granularity == "token" else None
