@@ -24,7 +24,7 @@ import torch
 from kvcache.quantize_cache import KEY_GROUP_SIZE, GroupedKeys
 from kvcache.quantized_attention import cache_bits, check_mask, rotated_keys
 
-DEFAULT_CHUNK = 2048
+DEFAULT_CHUNK = 1024
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:

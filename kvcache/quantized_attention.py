@@ -20,7 +20,7 @@ from kvcache.rotary import apply_rotary_pos_emb, cached_cos_sin_at
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "blocked", "triton", "cuda")
 _cuda_grouped_logged = False
 
 
@@ -173,7 +173,13 @@ def _attention_grouped(query, layer_past, attn_mask, scale, backend, inv_freq):
         from kvcache.triton_attention import attention_triton
 
         return attention_triton(query, layer_past, attn_mask, scale, inv_freq=inv_freq)
-    return attention_torch(query, layer_past, attn_mask, scale, inv_freq=inv_freq)
+    return _blocked(query, layer_past, attn_mask, scale, inv_freq=inv_freq)
+
+
+def _blocked(*args, **kwargs):
+    from kvcache.blocked_attention import attention_blocked
+
+    return attention_blocked(*args, **kwargs)
 
 
 def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fresh=None, inv_freq=None):
@@ -211,8 +217,8 @@ def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fre
     if backend == "cuda":
         kernels = cpp_kernels.load_cache_kernels() if query.is_cuda else None
         if kernels is None:
-            logger.debug("CUDA cache kernels unavailable; using the torch reference")
-            return attention_torch(query, layer_past, attn_mask, scale)
+            logger.debug("CUDA cache kernels unavailable; using the blocked torch path")
+            return _blocked(query, layer_past, attn_mask, scale)
         return attention_cuda_kernels(kernels, query, layer_past, attn_mask, scale)
 
     kernels = cpp_kernels.loaded_cache_kernels()
@@ -222,4 +228,4 @@ def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fre
         from kvcache.triton_attention import attention_triton
 
         return attention_triton(query, layer_past, attn_mask, scale)
-    return attention_torch(query, layer_past, attn_mask, scale)
+    return _blocked(query, layer_past, attn_mask, scale)

@@ -59,3 +59,25 @@ def apply_rotary_pos_emb(t, cos, sin):
     x1, x2 = t_.chunk(2, dim=-1)
     t_ = t_ * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((t_.type_as(t), t_pass), dim=-1)
+
+
+_TABLES: dict = {}
+_MAX_TABLES = 4
+
+
+def cos_sin_table(inv_freq, length):
+    """cos/sin ``[len(inv_freq), >= length, dim / 2]`` (fp32) of positions 0, 1, ... per frequency, the values
+    ``cos_sin_at`` gives (its two halves repeat these), computed once per ``inv_freq`` and reused across layers and
+    decode steps (grown by doubling; the last few ``inv_freq`` are kept)."""
+    key = (tuple(inv_freq.flatten().tolist()), tuple(inv_freq.shape), inv_freq.device)
+    table = _TABLES.pop(key, None)
+    if table is None or table[0].shape[1] < length:
+        size = max(length, 2 * table[0].shape[1] if table is not None else 1024)
+        positions = torch.arange(size, device=inv_freq.device)[None].expand(inv_freq.shape[0], size)
+        cos, sin = cos_sin_at(positions, inv_freq)
+        half = inv_freq.shape[-1]
+        table = (cos[:, 0, :, :half].contiguous(), sin[:, 0, :, :half].contiguous())
+    _TABLES[key] = table
+    while len(_TABLES) > _MAX_TABLES:
+        del _TABLES[next(iter(_TABLES))]
+    return table

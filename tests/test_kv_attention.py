@@ -76,14 +76,19 @@ def test_softmax_precision_flag_and_invalid_inputs():
         quantized_attention(q, layer_past, None, None, backend="flash")
 
 
-def test_dispatcher_on_cpu_uses_reference():
+def test_dispatcher_on_cpu_uses_blocked_path():
+    from kvcache.blocked_attention import attention_blocked
+
     layer_past, _, _ = _layer(4)
     q = torch.randn(2, 3, 2, 16)
     ref = attention_torch(q, layer_past, None, 0.3)
-    assert torch.equal(quantized_attention(q, layer_past, None, 0.3), ref)
+    blocked = attention_blocked(q, layer_past, None, 0.3)
+    torch.testing.assert_close(quantized_attention(q, layer_past, None, 0.3), blocked, atol=1e-6, rtol=1e-6)
     assert torch.equal(quantized_attention(q, layer_past, None, 0.3, backend="torch"), ref)
-    # no CUDA here: the "cuda" backend falls back to the reference
-    assert torch.equal(quantized_attention(q, layer_past, None, 0.3, backend="cuda"), ref)
+    # no CUDA here: the "cuda" backend falls back to the blocked path
+    torch.testing.assert_close(quantized_attention(q, layer_past, None, 0.3, backend="cuda"), blocked, atol=1e-6,
+                               rtol=1e-6)
+    torch.testing.assert_close(blocked, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_fresh_chunk_is_read_in_full_precision():

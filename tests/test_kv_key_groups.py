@@ -170,15 +170,19 @@ def test_attention_rotates_dequantized_keys_at_their_positions():
     assert not torch.allclose(wrong_alpha, reference, atol=1e-3)
 
 
-def test_cpu_tensors_take_the_reference_unless_triton_is_asked_for():
-    """"cuda" and "auto" on CPU tensors run the torch reference (the CUDA kernels never read this layout); "triton"
+def test_cpu_tensors_take_the_blocked_path_unless_triton_is_asked_for():
+    """"cuda" and "auto" on CPU tensors run the blocked path (the CUDA kernels never read this layout); "triton"
     runs the fused kernel (tests/test_kv_triton_key_groups.py), in the interpreter on CPU."""
+    from kvcache.blocked_attention import attention_blocked
+
     cache = QuantizedKVCache(bits=4)
     k, v = _states(1, 66, 4)
     layer_past = cache.update(k, v, 0)
     inv_freq = rotary_inv_freq([1.0], 8, 10000.0)
     query = torch.randn(1, 2, 1, 8)
     reference = attention_torch(query, layer_past, None, 0.3, inv_freq=inv_freq)
+    blocked = attention_blocked(query, layer_past, None, 0.3, inv_freq=inv_freq)
+    torch.testing.assert_close(blocked, reference, atol=1e-5, rtol=1e-5)
     for backend in ("cuda", "auto"):
-        assert torch.equal(quantized_attention(query, layer_past, None, 0.3, backend=backend, inv_freq=inv_freq),
-                           reference)
+        torch.testing.assert_close(quantized_attention(query, layer_past, None, 0.3, backend=backend,
+                                                       inv_freq=inv_freq), blocked, atol=1e-6, rtol=1e-6)

@@ -69,7 +69,8 @@ def test_exact_while_keys_are_in_the_residual_with_ntk_and_logn(tiny_dir):
     float_model = load(tiny_dir, seq_length=16)
     ids = random_ids(40, 1)
     cache, reference = QuantizedKVCache(bits=4), ValuesOnlyCache()
-    torch.testing.assert_close(model(ids, cache=cache).logits, float_model(ids, cache=reference).logits)
+    torch.testing.assert_close(model(ids, cache=cache).logits, float_model(ids, cache=reference).logits,
+                               rtol=1e-4, atol=1e-4)  # float32 rounding of the blocked attention's sums
     assert cache.qwen_ntk_alphas == [7]
     for token in (4242, 17, 99999):
         nxt = torch.tensor([[token]])
