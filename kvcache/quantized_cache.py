@@ -23,6 +23,7 @@ from functools import partial
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kvcache.reserved import append
 from kvcache.quantize_cache import GRANULARITIES, KEY_GROUP_SIZE, GroupedKeys, quantize_cache_v, quantize_key_groups
 
 _STATE_NAMES = ("q_key", "key_scale", "key_zero", "q_value", "value_scale", "value_zero")
@@ -61,10 +62,13 @@ class QuantizedStates(tuple):
 
 
 class QuantizedKVLayer(DynamicLayer):
-    """One attention layer's quantized cache, grown by concatenation along the sequence axis."""
+    """One attention layer's quantized cache, grown along the sequence axis (in place into ``capacity`` positions
+    when given: ``kvcache.reserved``)."""
 
-    def __init__(self, bits: int = 8, granularity: str = "token", storage_dtype=None, key_layout=None):
+    def __init__(self, bits: int = 8, granularity: str = "token", storage_dtype=None, key_layout=None,
+                 capacity: int = 0):
         super().__init__()
+        self.capacity = capacity
         key_layout = default_key_layout(bits, granularity) if key_layout is None else key_layout
         _validate(bits, granularity, storage_dtype, key_layout)
         self.bits = bits
@@ -81,8 +85,14 @@ class QuantizedKVLayer(DynamicLayer):
         self._clear()
 
     def _clear(self) -> None:
+        self._buffers = {}
         for name in self._names:
             setattr(self, name, None)
+
+    def _append(self, name: str, new: torch.Tensor, dim: int = -2, capacity=None) -> None:
+        capacity = self.capacity if capacity is None else capacity
+        self._buffers[name], view = append(self._buffers.get(name), getattr(self, name), new, dim, capacity)
+        setattr(self, name, view)
 
     def _states(self):
         return [getattr(self, name) for name in self._names]
@@ -119,11 +129,8 @@ class QuantizedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if self.key_layout == "channel_groups":
             return self._update_grouped(key_states, value_states, (cache_kwargs or {}).get("positions"))
-        new = (*self._quantize(key_states), *self._quantize(value_states))
-        if self.q_key is None:
-            self._set_states(new)
-        else:
-            self._set_states(torch.cat((old, fresh), dim=-2) for old, fresh in zip(self._states(), new))
+        for name, new in zip(self._names, (*self._quantize(key_states), *self._quantize(value_states))):
+            self._append(name, new)
         keys = QuantizedStates((self.q_key, self.key_scale, self.key_zero))
         keys.fresh = (key_states, value_states) if self.granularity == "token" else None
         return keys, (self.q_value, self.value_scale, self.value_zero)
@@ -145,20 +152,19 @@ class QuantizedKVLayer(DynamicLayer):
             self.q_key = torch.zeros(b, heads, 0, d // 2, dtype=torch.uint8, device=key_states.device)
             self.key_scale, self.key_zero, self.key_residual = empty, empty, empty
             self.key_positions = positions[:, :0]
-        else:
-            values = [torch.cat((old, new), dim=-2)
-                      for old, new in zip((self.q_value, self.value_scale, self.value_zero), values)]
-        self.q_value, self.value_scale, self.value_zero = values
-        self.key_positions = torch.cat((self.key_positions, positions), dim=-1)
+        for name, new in zip(("q_value", "value_scale", "value_zero"), values):
+            self._append(name, new)
+        self._append("key_positions", positions, dim=-1)
         pending = torch.cat((self.key_residual, key_states), dim=-2)
         full = pending.shape[-2] // KEY_GROUP_SIZE * KEY_GROUP_SIZE
         if full:
             start = self.q_key.shape[-2]
             valid = self.key_positions[:, start:start + full] >= 0
             q_key, key_scale, key_zero = quantize_key_groups(pending[..., :full, :], KEY_GROUP_SIZE, valid)
-            self.q_key = torch.cat((self.q_key, q_key), dim=-2)
-            self.key_scale = torch.cat((self.key_scale, key_scale), dim=-2)
-            self.key_zero = torch.cat((self.key_zero, key_zero), dim=-2)
+            groups = -(-self.capacity // KEY_GROUP_SIZE)
+            self._append("q_key", q_key)
+            self._append("key_scale", key_scale, capacity=groups)
+            self._append("key_zero", key_zero, capacity=groups)
         self.key_residual = pending[..., full:, :].clone() if full else pending
         keys = GroupedKeys(self.q_key, self.key_scale, self.key_zero, self.key_residual, self.key_positions)
         return keys, (self.q_value, self.value_scale, self.value_zero)
@@ -213,13 +219,15 @@ class QuantizedKVLayer(DynamicLayer):
 class QuantizedKVCache(Cache):
     """Cache of ``QuantizedKVLayer``; layers are created lazily, or up front from ``config.num_hidden_layers``.
 
-    ``key_layout`` None picks ``default_key_layout(bits, granularity)``."""
+    ``key_layout`` None picks ``default_key_layout(bits, granularity)``; ``capacity`` positions are reserved per
+    layer at its first update (``kvcache.reserved``)."""
 
-    def __init__(self, bits: int = 8, granularity: str = "token", config=None, storage_dtype=None, key_layout=None):
+    def __init__(self, bits: int = 8, granularity: str = "token", config=None, storage_dtype=None, key_layout=None,
+                 capacity: int = 0):
         key_layout = default_key_layout(bits, granularity) if key_layout is None else key_layout
         _validate(bits, granularity, storage_dtype, key_layout)
         make_layer = partial(QuantizedKVLayer, bits=bits, granularity=granularity, storage_dtype=storage_dtype,
-                             key_layout=key_layout)
+                             key_layout=key_layout, capacity=capacity)
         self.bits = bits
         self.granularity = granularity
         self.storage_dtype = storage_dtype

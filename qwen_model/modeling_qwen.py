@@ -1,7 +1,7 @@
 """The Qwen (v1) model: RMSNorm, rotary embeddings with dynamic NTK and logn scaling, fused c_attn, SwiGLU MLP.
 
 Parameter names follow the original Qwen-7B-Chat checkpoints. The KV cache is stored and read in exactly one place,
-`QWenAttention.forward`: a float `DynamicCache`, or, with `use_cache_quantization`, a `QuantizedKVCache` whose
+`QWenAttention.forward`: a float `DynamicCache` (`generate()` reserves its room: `ReservedCache`), or, with `use_cache_quantization`, a `QuantizedKVCache` whose
 per-layer entry is `((q_key, key_scale, key_zero), (q_value, value_scale, value_zero))`.
 """
 import copy
@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from kvcache.quantized_attention import quantized_attention
 from kvcache.quantized_cache import QuantizedKVCache, QuantizedKVLayer
+from kvcache.reserved import ReservedCache
 from kvcache.rotary import apply_rotary_pos_emb, cos_sin_at, rotary_inv_freq
 
 from .configuration_qwen import QWenConfig
@@ -383,13 +384,18 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """Give `generate()` the quantized cache when `use_cache_quantization` is on."""
-        if (self.config.use_cache_quantization and model_kwargs.get("cache") is None
-                and generation_config.use_cache is not False):
-            model_kwargs["cache"] = QuantizedKVCache(**_cache_settings(self.config))
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length, *args, **kwargs):
+        """Give `generate()` a cache with room for the whole call reserved up front (`kvcache.reserved`: no copy
+        of the cache per token): the quantized cache when `use_cache_quantization` is on, else a float one."""
+        if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
+                and generation_config.cache_implementation is None):
+            model_kwargs["cache"] = (
+                QuantizedKVCache(**_cache_settings(self.config), capacity=max_cache_length)
+                if self.config.use_cache_quantization else ReservedCache(max_cache_length))
             return
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                                     max_cache_length, *args, **kwargs)
 
     def _chat_inputs(self, tokenizer, query, history, system, generation_config, kwargs):
         generation_config = copy.deepcopy(generation_config or self.generation_config)

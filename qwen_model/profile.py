@@ -6,12 +6,13 @@
 The original protocol (Qwen-7B's `profile.py`): greedy `generate()` of M new tokens after a context of N tokens,
 forced to exactly M tokens (`min_length`), timed as a whole; "average generate speed" = M / that time, and the peak
 GPU memory `torch.cuda.max_memory_allocated()` (weights included). Each row here times the same `generate()` call,
-through the model's own cache path (a float `DynamicCache`, or the `QuantizedKVCache` that `use_cache_quantization`
+through the model's own cache path (the float `ReservedCache` `generate()` makes, or the `QuantizedKVCache` that `use_cache_quantization`
 / `cache_bits` select), and splits it with a stopping criterion that records when each token is appended: prefill =
 up to the first new token (the forward over the context and the first sampling step), decode = the M - 1 after it.
 Prefill and decode rates count every sequence of the batch; the averaged figure is per sequence, as the original.
 Memory: on CUDA `max_memory_allocated()` over the timed run; on CPU the resident high-water mark (Linux VmHWM,
-reset right before the timed run; glibc's mmap threshold is fixed so resident memory follows live tensors); and the
+reset right before the timed run, with the default allocator a user runs with: a fixed glibc mmap threshold would make
+resident memory follow live tensors, but its page faults double the time of a CPU prefill); and the
 increase over what was allocated / resident once the model and the prompt were loaded.
 
 Rows = models x KV caches x batch sizes x contexts, measured one after the other: on CPU each row in a fresh
@@ -45,9 +46,6 @@ INPUTS = ("text", "random")
 TEXT_FILE = Path(__file__).resolve().parents[1] / "calib_data" / "heldout_eval.txt"
 ROW_MARKER = "PROFILE_ROW "
 MIB = 1 << 20
-# A fixed glibc mmap threshold: large tensors get their own mappings, returned to the OS when freed, so the resident
-# set follows live tensors (the default dynamic threshold hides freed blocks of up to 32 MiB).
-ROW_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 class ProfileError(ValueError):
@@ -297,7 +295,7 @@ def profile(specs: list[RowSpec], settings: Settings, progress: bool = True) -> 
     from tqdm import tqdm
 
     validate(specs, settings)
-    env = {**os.environ, **ROW_ENV}
+    env = dict(os.environ)
     if settings.threads:
         env["OMP_NUM_THREADS"] = str(settings.threads)
     rows = []

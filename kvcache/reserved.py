@@ -1,0 +1,72 @@
+"""KV-cache tensors grown in place along the sequence axis, into capacity reserved for a whole ``generate()`` call.
+
+transformers' ``DynamicCache`` appends with ``torch.cat``: every decoded token copies each layer's whole cache into
+a freshly allocated tensor, and on CPU that copy (with the page faults of the new allocation) costs more than the
+layer's matmuls once the context is ~1k tokens (SmolLM2-135M, Int4 weights: ~85% of a decode step). A layer given a
+``capacity`` allocates that many positions once and writes each step after the filled ones; the states it returns
+are prefix views of the buffer. Without a reservation, or past it, a tensor grows to exactly the length it needs, as
+``torch.cat`` would, so ``cache_nbytes`` of an unreserved cache is what it always was; a reserved cache holds (and
+reports) its whole capacity from the first update.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+def append(buffer: torch.Tensor | None, filled: torch.Tensor | None, new: torch.Tensor, dim: int,
+           capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Appends ``new`` after ``filled`` along ``dim``; returns ``(buffer, view of the filled part)``.
+
+    Writes in place when ``filled`` is a prefix view of ``buffer`` and the buffer has room; otherwise allocates
+    ``max(capacity, needed)`` positions and copies ``filled`` over. ``filled`` may be any tensor (or None / empty):
+    one that is not a view of ``buffer`` (e.g. after ``reorder_cache``) is simply copied."""
+    dim = dim % new.dim()
+    old = 0 if filled is None or filled.numel() == 0 else filled.shape[dim]
+    needed = old + new.shape[dim]
+    in_place = (buffer is not None and old > 0 and filled.data_ptr() == buffer.data_ptr()
+                and filled.stride() == buffer.stride() and buffer.shape[dim] >= needed
+                and buffer.dtype == new.dtype and buffer.device == new.device
+                and all(buffer.shape[i] == new.shape[i] for i in range(new.dim()) if i != dim))
+    if not in_place:
+        size = list(new.shape)
+        size[dim] = max(capacity, needed)
+        grown = new.new_empty(size)
+        if old:
+            grown.narrow(dim, 0, old).copy_(filled)
+        buffer = grown
+    buffer.narrow(dim, old, new.shape[dim]).copy_(new)
+    return buffer, buffer.narrow(dim, 0, needed)
+
+
+class ReservedLayer(DynamicLayer):
+    """``DynamicLayer`` whose keys/values grow in place into ``capacity`` positions (see the module docstring)."""
+
+    def __init__(self, capacity: int = 0):
+        super().__init__()
+        self.capacity = capacity
+        self._buffers = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._buffers["keys"], self.keys = append(self._buffers.get("keys"), self.keys, key_states, -2,
+                                                  self.capacity)
+        self._buffers["values"], self.values = append(self._buffers.get("values"), self.values, value_states, -2,
+                                                      self.capacity)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._buffers = {}
+        super().reset()
+
+
+class ReservedCache(Cache):
+    """The float cache ``QWenLMHeadModel.generate()`` uses: ``ReservedLayer``s of ``capacity`` positions."""
+
+    def __init__(self, capacity: int = 0, config=None):
+        num_layers = getattr(config, "num_hidden_layers", None) if config is not None else None
+        if num_layers is not None:
+            super().__init__(layers=[ReservedLayer(capacity) for _ in range(num_layers)])
+        else:
+            super().__init__(layer_class_to_replicate=lambda: ReservedLayer(capacity))

@@ -1,0 +1,106 @@
+"""Caches grown in place into reserved capacity (kvcache/reserved.py): same states as torch.cat growth, no copy per
+step within the reservation, exact growth without one, and generate() reserving its whole length."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvcache.quantized_cache import QuantizedKVCache, cache_nbytes
+from kvcache.reserved import ReservedCache, append
+from qwen_model.modeling_qwen import QWenLMHeadModel
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.inference_mode():
+        yield
+
+
+def steps(batch=2, heads=3, dim=8, lengths=(5, 1, 1, 3, 1), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, heads, n, dim, generator=g), torch.randn(batch, heads, n, dim, generator=g))
+            for n in lengths]
+
+
+def test_append_writes_in_place_within_capacity_and_grows_exactly_past_it():
+    parts = [torch.randn(2, 3, n, 4) for n in (3, 1, 2)]
+    buffer, view = append(None, None, parts[0], -2, capacity=6)
+    assert buffer.shape[-2] == 6 and view.shape[-2] == 3
+    first = buffer.data_ptr()
+    buffer, view = append(buffer, view, parts[1], -2, capacity=6)
+    buffer, view = append(buffer, view, parts[2], -2, capacity=6)
+    assert buffer.data_ptr() == first
+    assert torch.equal(view, torch.cat(parts, dim=-2))
+    buffer, view = append(buffer, view, parts[0], -2, capacity=6)  # past the reservation: exactly what is needed
+    assert buffer.data_ptr() != first and buffer.shape[-2] == view.shape[-2] == 9
+    assert torch.equal(view, torch.cat(parts + parts[:1], dim=-2))
+
+
+def test_append_copies_a_tensor_that_is_not_a_view_of_the_buffer():
+    buffer, view = append(None, None, torch.ones(1, 4), -1, capacity=8)
+    other = torch.full((1, 4), 2.0)  # e.g. what reorder_cache leaves
+    buffer, view = append(buffer, other, torch.zeros(1, 2), -1, capacity=8)
+    assert torch.equal(view, torch.tensor([[2.0, 2, 2, 2, 0, 0]]))
+
+
+def test_reserved_float_cache_matches_dynamic_cache():
+    reserved, dynamic = ReservedCache(capacity=16), DynamicCache()
+    for k, v in steps():
+        got = reserved.update(k, v, 0)
+        want = dynamic.update(k, v, 0)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert reserved.get_seq_length() == dynamic.get_seq_length() == 11
+    assert cache_nbytes(reserved) == 2 * 2 * 3 * 16 * 8 * 4  # the whole reservation, K and V
+    reserved.crop(-4)
+    dynamic.crop(-4)
+    k, v = steps(lengths=(2,), seed=1)[0]
+    assert all(torch.equal(a, b) for a, b in zip(reserved.update(k, v, 0), dynamic.update(k, v, 0)))
+    reserved.reorder_cache(torch.tensor([1, 0]))
+    dynamic.reorder_cache(torch.tensor([1, 0]))
+    k, v = steps(lengths=(1,), seed=2)[0]
+    assert all(torch.equal(a, b) for a, b in zip(reserved.update(k, v, 0), dynamic.update(k, v, 0)))
+
+
+def flat(states):
+    out = []
+    for item in states:
+        out.extend(flat(item) if isinstance(item, tuple) else [item])
+    return out
+
+
+@pytest.mark.parametrize("bits,layout", ((8, "token"), (4, "token"), (4, "channel_groups")))
+def test_reserved_quantized_cache_matches_unreserved(bits, layout):
+    reserved = QuantizedKVCache(bits=bits, key_layout=layout, capacity=160)
+    plain = QuantizedKVCache(bits=bits, key_layout=layout)
+    for k, v in steps(dim=8, lengths=(70, 1, 1, 60, 1)):
+        got = reserved.update(k, v, 0)
+        want = plain.update(k, v, 0)
+    got, want = flat(got), flat(want)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert cache_nbytes(plain) < cache_nbytes(reserved)
+    before = reserved.layers[0].q_value.data_ptr()
+    reserved.update(*steps(lengths=(1,), seed=3)[0], 0)
+    assert reserved.layers[0].q_value.data_ptr() == before  # written in place
+
+
+def test_generate_reserves_its_whole_length_and_gives_the_same_tokens(tiny_dir, qwen_tokenizer):
+    model = QWenLMHeadModel.from_pretrained(tiny_dir).eval()
+    ids = torch.tensor([qwen_tokenizer.encode("The quick brown fox jumps over the lazy dog")])
+    out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert isinstance(cache, ReservedCache)
+    layer = cache.layers[0]
+    assert layer._buffers["keys"].shape[-2] == ids.shape[1] + 6 - 1 == layer.keys.shape[-2]
+    plain = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, cache=DynamicCache())
+    assert torch.equal(out.sequences, plain)
+
+
+def test_generate_reserves_the_quantized_cache_too(tiny_dir, qwen_tokenizer):
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, use_cache_quantization=True).eval()
+    ids = torch.tensor([qwen_tokenizer.encode("The quick brown fox jumps over the lazy dog")])
+    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert isinstance(cache, QuantizedKVCache)
+    layer = cache.layers[0]
+    assert layer._buffers["q_value"].shape[-2] == ids.shape[1] + 3 == layer.q_value.shape[-2]
+    plain = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache=QuantizedKVCache())
+    assert torch.equal(out.sequences, plain)
