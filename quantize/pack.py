@@ -58,6 +58,9 @@ def unpack_rows(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     m = words.shape[1]
     if words.shape[0] != packed_length(n, bits):
         raise ValueError(f"packed tensor has {words.shape[0]} rows, expected {packed_length(n, bits)} for {n} values")
+    if 32 % bits == 0:  # whole values per word: one shift per slot, in int32 (masking undoes the sign extension)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device).view(1, -1, 1)
+        return ((words.reshape(-1, 1, m) >> shifts) & maxq).reshape(-1, m)[:n]
     w = (words.to(torch.int64) & 0xFFFFFFFF).view(-1, bits, m)
     values = torch.empty(w.shape[0], 32, m, dtype=torch.int64, device=words.device)
     for k in range(32):
@@ -113,9 +116,7 @@ def pack_layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
     }
 
 
-def unpack_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
-                 checkpoint_format: str = "gptq") -> tuple[torch.Tensor, torch.Tensor]:
-    """Read checkpoint tensors back into (codes int32 [out, in], true zero points int32 [n_groups, out])."""
+def _check_layer(qweight, qzeros, scales, g_idx, bits, checkpoint_format) -> None:
     check_bits(bits)
     check_checkpoint_format(checkpoint_format)
     n_groups, out_features = scales.shape
@@ -126,20 +127,32 @@ def unpack_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     if qzeros.shape != (n_groups, packed_length(out_features, bits)):
         raise ValueError(f"qzeros shape {tuple(qzeros.shape)} does not fit {n_groups} groups, out={out_features}, "
                          f"bits={bits}")
-    codes = unpack_rows(qweight, bits, in_features).t().contiguous()
-    zeros = unpack_rows(qzeros.t(), bits, out_features).t().contiguous()
-    if checkpoint_format == "gptq":
-        zeros = zeros + 1
-    return codes, zeros
+
+
+def _unpack_transposed(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
+    """(codes int32 [in, out], true zero points int32 [n_groups, out]), the layouts the words are stored in."""
+    _check_layer(qweight, qzeros, scales, g_idx, bits, checkpoint_format)
+    codes = unpack_rows(qweight, bits, g_idx.numel())
+    zeros = unpack_rows(qzeros.t(), bits, scales.shape[1]).t()
+    return codes, zeros + 1 if checkpoint_format == "gptq" else zeros
+
+
+def unpack_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+                 checkpoint_format: str = "gptq") -> tuple[torch.Tensor, torch.Tensor]:
+    """Read checkpoint tensors back into (codes int32 [out, in], true zero points int32 [n_groups, out])."""
+    codes, zeros = _unpack_transposed(qweight, qzeros, scales, g_idx, bits, checkpoint_format)
+    return codes.t().contiguous(), zeros.contiguous()
 
 
 def dequantize_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                       bits: int, checkpoint_format: str = "gptq", dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Float weight [out, in] of a packed layer, in `dtype` (default: the scales' dtype), computed in float32."""
-    codes, zeros = unpack_layer(qweight, qzeros, scales, g_idx, bits, checkpoint_format)
+    """Float weight [out, in] of a packed layer, in `dtype` (default: the scales' dtype), computed in float32.
+
+    Computed in the stored [in, out] layout and returned as its transposed view (F.linear takes it as it is)."""
+    codes, zeros = _unpack_transposed(qweight, qzeros, scales, g_idx, bits, checkpoint_format)
     g = g_idx.long()
-    weight = (codes - zeros[g].t()).to(torch.float32) * scales[g].t().to(torch.float32)
-    return weight.to(dtype or scales.dtype)
+    weight = (codes - zeros[g]).to(torch.float32).mul_(scales.to(torch.float32)[g])
+    return weight.to(dtype or scales.dtype).t()
 
 
 def quantize_config(bits: int, group_size: int, damp_percent: float, desc_act: bool, static_groups: bool, sym: bool,
