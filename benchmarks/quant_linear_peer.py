@@ -51,7 +51,7 @@ def peer_view(int4_dir: str, work: Path) -> str:
         target = work / f.name
         if f.name in ("config.json", "quantize_config.json"):
             cfg = json.loads(f.read_text())
-            (cfg.get("quantization_config", cfg)).pop("method", None)
+            (cfg.get("quantization_config", cfg)).pop("method", None)  # checkpoints written before the key was "solver"
             target.write_text(json.dumps(cfg))
         elif not target.exists():
             target.symlink_to(f.resolve())

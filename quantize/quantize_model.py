@@ -305,7 +305,7 @@ def quantize_checkpoint(model_dir, out_dir, settings: QuantizeSettings, calib=No
                                checkpoint_format=fmt)
         qcfg["act_group_aware"] = settings.act_group_aware and not settings.desc_act
         qcfg["scale_search"] = settings.scale_search and settings.method == "gptq"
-        qcfg["method"] = settings.method
+        qcfg["solver"] = settings.method  # not "method": GPTQModel reads that key and refuses "rtn"
         logger.info("quantized %d blocks in %.1fs; settings %s", config.num_hidden_layers, time.time() - start,
                     asdict(settings))
         out_config = padded_config(output_config(config, qcfg), ffn, new_ffn)

@@ -34,6 +34,7 @@ def test_checkpoint_layout(quantized):
     assert ORIGINAL_INT4_KEYS <= set(qcfg)
     assert (qcfg["bits"], qcfg["group_size"], qcfg["quant_method"], qcfg["checkpoint_format"]) == \
         (bits, 32, "gptq", "gptq")
+    assert qcfg["solver"] == "gptq" and "method" not in qcfg  # GPTQModel reads "method" and refuses "rtn"
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["bits"] == bits
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_qwen.QWenLMHeadModel"
