@@ -1,5 +1,6 @@
 """Command line shared by `python -m quantize.gptq_int4` and `python -m quantize.gptq_int8`."""
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -29,6 +30,18 @@ def _stop(signum, frame):
     for s in STOP_SIGNALS:  # a second signal must not cut the clean-up short
         signal.signal(s, signal.SIG_IGN)
     raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Inside the block SIGINT and SIGTERM raise `Stopped`, so a writer removes its temporary directory on the way
+    out; the previous handlers come back after it."""
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def build_parser(bits: int) -> argparse.ArgumentParser:
@@ -148,9 +161,8 @@ def main(bits: int, argv=None) -> int:
                                 true_sequential=not args.no_true_sequential,
                                 act_group_aware=not args.no_group_aware, scale_search=not args.no_scale_search,
                                 method=args.method)
-    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     try:
-        with tempfile.TemporaryDirectory() as work:
+        with stop_on_signals(), tempfile.TemporaryDirectory() as work:
             model_dir = resolve_model(args.model, Path(work))
             if args.eval:
                 ids = _eval_ids(model_dir, args.eval)
@@ -169,9 +181,6 @@ def main(bits: int, argv=None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     print(f"wrote {bits}-bit GPTQ checkpoint to {out}")
     from quantize.model_families import model_type_of
 

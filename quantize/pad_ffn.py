@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from quantize.cli import print_vllm_support
+from quantize.cli import Stopped, print_vllm_support, stop_on_signals
 from quantize.ffn_padding import pad_checkpoint
 
 
@@ -19,10 +19,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        out = pad_checkpoint(args.src, args.out, args.ffn_multiple, overwrite=args.overwrite)
-    except KeyboardInterrupt:
-        print("error: interrupted; no checkpoint was written", file=sys.stderr)
-        return 130
+        with stop_on_signals():
+            out = pad_checkpoint(args.src, args.out, args.ffn_multiple, overwrite=args.overwrite)
+    except Stopped as e:
+        print(f"error: stopped by {e}; no checkpoint was written", file=sys.stderr)
+        return 128 + e.signum
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1

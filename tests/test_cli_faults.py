@@ -95,3 +95,24 @@ def test_killed_or_disk_full_run_leaves_the_existing_checkpoint_intact(tiny_dir,
     assert full.returncode == 1 and last.startswith("error: cannot write") and "another run" not in last, full.stderr
     assert digest(out) == before
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_pad_ffn_leaves_nothing(signum, tmp_path):
+    """`python -m quantize.pad_ffn` on a 64-block checkpoint (a few seconds of writing), stopped while it writes."""
+    from qwen_model.create_tiny import create_tiny
+    from quantize.quantize_model import QuantizeSettings, quantize_checkpoint
+
+    src = quantize_checkpoint(create_tiny(tmp_path / "deep", num_layers=64), tmp_path / "q",
+                              QuantizeSettings(bits=4, group_size=32, method="rtn"))
+    out = tmp_path / "padded"
+    proc = subprocess.Popen([sys.executable, "-m", "quantize.pad_ffn", str(src), "--out", str(out), "--ffn-multiple",
+                             "512"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_mid_run(proc, out)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().splitlines()[-1] == (f"error: stopped by {signal.Signals(signum).name}; no checkpoint was "
+                                            "written"), err
+    assert "Traceback" not in err
+    assert not out.exists() and leftovers(out) == []
