@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         window = torch.tensor([ids[:args.ctx]])
         logits, ppl = {}, {}
         for kernel in ("torch", "int4pack"):
-            model = QWenLMHeadModel.from_pretrained(path, gptq_kernel=kernel).float().eval()
+            model = QWenLMHeadModel.from_pretrained(path, gptq_kernel=kernel).eval()
             with torch.no_grad():
                 logits[kernel] = model(window).logits
             ppl[kernel] = perplexity(model, ids, ctx=args.ctx, n_windows=args.windows, progress=False)

@@ -10,7 +10,8 @@ the bfloat16 rounding of the scales, zero terms, activations and output.
 
 act-order (a g_idx that is not sorted), a last group that does not fill group_size, and group sizes that are
 multiples of 32 (or per-channel, group_size -1) are mapped onto the kernel's fixed groups by gathering the input
-columns into group order with zero padding; out_features is padded to a multiple of 16.
+columns into group order with zero padding (just zero padding at the end when only the last group is partial);
+out_features is padded to a multiple of 16.
 """
 from __future__ import annotations
 
@@ -56,8 +57,10 @@ class Int4PackWeight:
         k_pad = n_groups * slot
         gather = torch.full((k_pad,), in_features, dtype=torch.long)  # index in_features = a zero column
         gather[position] = order
-        self.identity = k_pad == in_features and bool(torch.equal(gather, torch.arange(in_features)))
-        self.gather = None if self.identity else gather
+        in_order = bool(torch.equal(gather[:in_features], torch.arange(in_features)))
+        self.pad = k_pad - in_features if in_order and bool((gather[in_features:] == in_features).all()) else 0
+        self.identity = k_pad == in_features and in_order
+        self.gather = None if self.identity or self.pad else gather  # else zero padding at the end suffices
         self.in_features, self.out_features = in_features, out_features
         n_pad = -(-out_features // 16) * 16
 
@@ -86,12 +89,16 @@ class Int4PackWeight:
         """x [..., in] (any float dtype, CPU) -> x @ W^T [..., out] in x's dtype."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.gather is not None:
+        if self.pad:
+            x2 = torch.nn.functional.pad(x2, (0, self.pad))
+        elif self.gather is not None:
             x2 = torch.nn.functional.pad(x2, (0, 1))[:, self.gather]
         if self.planes == 2:
             x2 = torch.cat([x2, x2], 1)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.group, self.scales_zeros)
-        return y[:, :self.out_features].to(x.dtype).reshape(*lead, self.out_features)
+        if y.shape[1] != self.out_features:
+            y = y[:, :self.out_features]
+        return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def nbytes(self) -> int:
         """Bytes held by the repacked weight, its scales/zero terms and the input gather index."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .gptq_checkpoint import gptq_settings, load_gptq_state, replace_linears
+from .gptq_checkpoint import gptq_settings, keep_float16_head, load_gptq_state, replace_linears
 from .model_families import NATIVE_MODEL_TYPES, family_for
 from .quant_linear import QuantLinear
 
@@ -48,10 +48,12 @@ def load_native_quantized(path, device=None, dtype=torch.float32, kernel: str = 
     base, _ = family.base_model(model)
     family.materialise(base, config, device)
     tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
-    load_gptq_state(model, path, f"{path}: checkpoint does not match a {qc['bits']}-bit GPTQ {family.name} model "
-                                 "with this config.json", tied)
+    stored = load_gptq_state(model, path, f"{path}: checkpoint does not match a {qc['bits']}-bit GPTQ "
+                                          f"{family.name} model with this config.json", tied)
     if tied:
         model.tie_weights()
+    else:
+        keep_float16_head(model, stored, config, kernel)
     config.quantization_config = qc
     logger.info("loaded %d-bit GPTQ %s checkpoint %s", qc["bits"], family.name, path)
     return model.eval()

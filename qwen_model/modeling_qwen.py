@@ -64,6 +64,18 @@ class RMSNorm(nn.Module):
         return out.type_as(x) * self.weight
 
 
+def eager_attention(query, key, value, mask, scale):
+    """softmax(q k^T * scale + mask) v in plain matmuls, the original's non-flash `_attn` (softmax in float32).
+
+    `mask` is the additive `[b, 1, q, kv]` mask (None: nothing masked, as for one decoded token). On CPU this is
+    ~6x faster than SDPA's math backend for a decoded token (no scaled copy of the keys) and faster at prefill."""
+    scores = torch.matmul(query * scale, key.transpose(-1, -2))
+    if mask is not None:
+        scores += mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(probs, value)
+
+
 class QWenAttention(nn.Module):
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
@@ -76,10 +88,11 @@ class QWenAttention(nn.Module):
         self.c_proj = nn.Linear(self.projection_size, config.hidden_size, bias=not config.no_bias)
         self.attn_dropout = nn.Dropout(config.attn_dropout_prob)
         self.config = config
-        # use_flash_attn: false = plain (math) attention, as the original's non-flash path; true/"auto" = PyTorch's
-        # fused kernels (FlashAttention-2 / memory-efficient on CUDA, the flash kernel on CPU).
-        self.sdpa_backends = [SDPBackend.MATH] if config.use_flash_attn is False else \
-            [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+        # use_flash_attn: false = plain attention (`eager_attention`), as the original's non-flash path; true/"auto"
+        # = PyTorch's fused kernels (FlashAttention-2 / memory-efficient on CUDA, the flash kernel on CPU).
+        self.eager = config.use_flash_attn is False
+        self.sdpa_backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                              SDPBackend.MATH]
 
     def forward(self, hidden_states, rotary_pos_emb, attention_mask=None, cache=None, logn_scale=None):
         """`rotary_pos_emb` is `(cos, sin, inv_freq, key_positions)` from `QWenModel.forward`; the last two let a
@@ -115,9 +128,11 @@ class QWenAttention(nn.Module):
             fresh = (key, value) if s > 1 and self.config.cache_granularity == "token" else None
             out = quantized_attention(query, layer_past, attention_mask, scale, backend=backend, fresh=fresh,
                                       inv_freq=inv_freq)
+        elif self.eager and not self.training:
+            out = eager_attention(query, *layer_past, attention_mask, scale)
         else:
             k, v = layer_past
-            with sdpa_kernel(self.sdpa_backends):
+            with sdpa_kernel(self.sdpa_backends if not self.eager else [SDPBackend.MATH]):
                 out = F.scaled_dot_product_attention(
                     query, k, v, attn_mask=attention_mask,
                     is_causal=attention_mask is None and s > 1 and k.shape[2] == s,
@@ -263,8 +278,9 @@ class QWenModel(QWenPreTrainedModel):
             logn = torch.where(pos > self.config.seq_length, pos.log() / math.log(self.config.seq_length), 1.0)
             logn_scale = logn.float()[:, None, :, None]
         quantized = self.config.use_cache_quantization or isinstance(cache, QuantizedKVCache)
+        eager = self.config.use_flash_attn is False and not self.training
         mask = self._attention_mask(attention_mask, q_len, past_len, inputs_embeds.dtype, inputs_embeds.device,
-                                    explicit=quantized)
+                                    explicit=quantized or eager)
 
         hidden_states = self.drop(inputs_embeds)
         for block in self.h:

@@ -201,7 +201,9 @@ def test_official_int4_int8_layout_loads(bits, official_shaped_source, tmp_path)
     (official / "tokenizer_config.json").write_text(json.dumps(OFFICIAL_TOKENIZER_CONFIG))
     (official / "generation_config.json").write_text(json.dumps(OFFICIAL_GENERATION_CONFIG))
     shutil.copyfile(official_shaped_source / "qwen.tiktoken", official / "qwen.tiktoken")
-    write_sharded(official, all_tensors(ours), OFFICIAL_SHARDS[bits])
+    tensors = all_tensors(ours)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].half()  # stored in float16, as in the official files
+    write_sharded(official, tensors, OFFICIAL_SHARDS[bits])
     assert len(list(official.glob(f"model-0000?-of-0000{OFFICIAL_SHARDS[bits]}.safetensors"))) == OFFICIAL_SHARDS[bits]
 
     model = QWenLMHeadModel.from_pretrained(official)

@@ -116,6 +116,35 @@ def _variant(model, **flags):
     return other
 
 
+def test_eager_attention_matches_sdpa(tiny_model, qwen_tokenizer):
+    """use_flash_attn false runs the plain-matmul attention (eager_attention); it must compute what SDPA computes,
+    for a left-padded batch at prefill and for cached decode steps."""
+    from qwen_model.modeling_qwen import eager_attention
+
+    assert tiny_model.config.use_flash_attn is False and tiny_model.transformer.h[0].attn.eager
+    fused = _variant(tiny_model, use_flash_attn=True)
+    assert not fused.transformer.h[0].attn.eager
+    batch = qwen_tokenizer([PROMPT, "short"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = fused(**batch).logits
+        got = tiny_model(**batch).logits
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
+    out = greedy(tiny_model, batch["input_ids"], 8, attention_mask=batch["attention_mask"])
+    assert out.tolist() == greedy(fused, batch["input_ids"], 8, attention_mask=batch["attention_mask"]).tolist()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (1, 7, 7))
+    mask = torch.zeros(2, 1, 1, 7)
+    mask[1, ..., :3] = torch.finfo(torch.float32).min
+    for m in (None, mask):
+        ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m,
+                                                               scale=0.25)
+        torch.testing.assert_close(eager_attention(q, k, v, m, 0.25).double(), ref, rtol=1e-5, atol=1e-6)
+    half = eager_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask.bfloat16(), 0.25)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), ref, rtol=3e-2, atol=3e-2)
+
+
 def test_logn_scaling_only_past_seq_length(tiny_model):
     seq = tiny_model.config.seq_length
     ids = torch.randint(0, 150000, (1, seq + 30), generator=torch.Generator().manual_seed(0))
