@@ -6,7 +6,7 @@ of the model's shape (decode speed does not depend on their values, and this ski
 takes them as pre-RoPE keys at positions 0, 1, ...), then the caches take turns: each round times ``--steps``
 greedy decode steps of the real model with every cache in turn, so the machine's load falls on all of them alike.
 Reported: the median over rounds of tokens/s, and its ratio to the float cache's in the same run. On CPU the
-quantized caches go through ``kvcache.chunked_attention`` (``quantized_attention`` backend "auto").
+quantized caches go through the CPU kernels of ``kvcache.cpu_kernels`` (``quantized_attention`` backend "auto").
 
     python benchmarks/kv_decode_speed.py --model DIR                       # contexts 1024,4096,16384, 2 threads
     python benchmarks/kv_decode_speed.py --model DIR --contexts 4096 --rounds 3 --steps 4
@@ -28,12 +28,15 @@ CACHES = ("float", "int8", "int4")
 FILL_CHUNK = 1024
 
 
-def make_cache(name: str):
-    from transformers import DynamicCache
-
+def make_cache(name: str, capacity: int):
+    """The cache `generate()` builds for a call of ``capacity`` positions: room reserved up front for every kind
+    (``kvcache.reserved``), so no kind copies its layers per decoded token."""
     from kvcache.quantized_cache import QuantizedKVCache
+    from kvcache.reserved import ReservedCache
 
-    return DynamicCache() if name == "float" else QuantizedKVCache(bits=8 if name == "int8" else 4)
+    if name == "float":
+        return ReservedCache(capacity)
+    return QuantizedKVCache(bits=8 if name == "int8" else 4, capacity=capacity)
 
 
 def fill(cache, config, context: int, gen: torch.Generator) -> None:
@@ -60,7 +63,7 @@ def run(model, contexts, caches, rounds: int, steps: int) -> list[dict]:
         for context in contexts:
             filled = {}
             for name in caches:
-                filled[name] = make_cache(name)
+                filled[name] = make_cache(name, context + (rounds * steps + 1))
                 fill(filled[name], model.config, context, gen)
             tokens = {name: torch.tensor([[1]]) for name in caches}
             for name in caches:  # warm-up step: first-call allocations are not part of the steady state

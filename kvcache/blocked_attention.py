@@ -18,6 +18,10 @@ matmul:
 Scores are computed in float32 whatever the query dtype (the codes are exact there), then softmax in float32 as
 in the reference; the result has the query's dtype. Temporaries: the score row ``[b, h, q, kv]`` and one block.
 Same contract as ``kvcache.quantized_attention.attention_torch``, which stays the reference.
+
+With ``kernels`` (the CPU extension of ``kvcache.cpu_kernels``, what ``quantized_attention`` "auto" passes on CPU
+for a few queries) the token-layout scores, the grouped keys' quantized part and the values are computed by the
+kernels straight from the codes, one pass each, and the float buffer only holds the grouped keys' float residual.
 """
 import math
 
@@ -57,12 +61,16 @@ def _merge_nibbles(t: torch.Tensor) -> torch.Tensor:
     return torch.stack((t[..., :half], t[..., half:]), dim=-1).flatten(-2)
 
 
-def _token_scores(query, keys, bits, stored, block, buf, scores):
+def _token_scores(query, keys, bits, stored, block, buf, scores, kernels=None):
     """Scores ``s (q·k_q) − s z Σq`` of the first ``stored`` positions of a token-layout key."""
     q_key, key_scale, key_zero = keys
     rows = query.shape[0]
     codes = q_key.reshape(rows, q_key.shape[-2], q_key.shape[-1])
     q = _split_nibbles(query) if bits == 4 else query
+    if kernels is not None:
+        scores[..., :stored] = kernels.token_scores(q.contiguous(), codes[:, :stored], _rows(key_scale, rows, stored),
+                                                    _rows(key_zero, rows, stored), bits)
+        return
     for start in range(0, stored, block):
         n = min(block, stored - start)
         kb = buf[:, :n]
@@ -84,7 +92,7 @@ def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     x1.mul_(cos).sub_(t)
 
 
-def _grouped_scores(query, keys: GroupedKeys, inv_freq, heads, stored, block, buf, scores):
+def _grouped_scores(query, keys: GroupedKeys, inv_freq, heads, stored, block, buf, scores, kernels=None):
     """Scores of the first ``stored`` positions of a ``"channel_groups"`` key: per block, dequantize and rotate."""
     if inv_freq is None:
         raise ValueError("the channel_groups key layout stores pre-RoPE keys: pass the rotary inv_freq")
@@ -105,6 +113,11 @@ def _grouped_scores(query, keys: GroupedKeys, inv_freq, heads, stored, block, bu
         scores[:, :, start:start + n] = torch.bmm(query, kb.transpose(1, 2))
 
     end = min(quantized, stored)
+    if kernels is not None and end:
+        scores[..., :end] = kernels.grouped_scores(query.contiguous(), codes, scale.contiguous(),
+                                                   neg_zs.contiguous(), cos_t, sin_t, positions, heads,
+                                                   KEY_GROUP_SIZE)[..., :end]
+        end = 0
     for start in range(0, end, block):
         n = min(block, quantized - start)
         g0, g1 = start // KEY_GROUP_SIZE, (start + n) // KEY_GROUP_SIZE
@@ -122,12 +135,21 @@ def _grouped_scores(query, keys: GroupedKeys, inv_freq, heads, stored, block, bu
         rotate_and_score(kb, start, n)
 
 
-def _token_values(probs, values, bits, stored, block, buf):
+def _rows(t: torch.Tensor, rows: int, stored: int) -> torch.Tensor:
+    """A per-position scale or zero ``[b, h, kv, 1]`` as float32 ``[rows, stored]`` (a view when it can be)."""
+    return t.reshape(rows, -1)[:, :stored].float()
+
+
+def _token_values(probs, values, bits, stored, block, buf, kernels=None):
     """``Σ p s (v_q − z)`` over the first ``stored`` positions: ``(p s) @ v_q − Σ p s z``, in float32."""
     q_value, value_scale, value_zero = values
     rows, q_len, _ = probs.shape
     d = buf.shape[-1]
     codes = q_value.reshape(rows, q_value.shape[-2], q_value.shape[-1])
+    if kernels is not None:
+        out = kernels.token_values(probs, codes[:, :stored], _rows(value_scale, rows, stored),
+                                   _rows(value_zero, rows, stored), bits, d)
+        return _merge_nibbles(out) if bits == 4 else out
     s = value_scale.reshape(rows, 1, -1)[..., :stored].float()
     weights = probs[..., :stored] * s
     out = -(weights * value_zero.reshape(rows, 1, -1)[..., :stored].float()).sum(-1, keepdim=True).expand(
@@ -140,10 +162,12 @@ def _token_values(probs, values, bits, stored, block, buf):
     return _merge_nibbles(out) if bits == 4 else out
 
 
-def attention_blocked(query, layer_past, attn_mask=None, scale=None, fresh=None, inv_freq=None, block=None):
+def attention_blocked(query, layer_past, attn_mask=None, scale=None, fresh=None, inv_freq=None, block=None,
+                      kernels=None):
     """softmax(query @ K^T * scale + mask) @ V over a quantized layer, reading its codes ``block`` positions at a
     time (default ``default_block``); arguments as ``attention_torch`` (``fresh``: the current chunk's float
-    key/value, read for the last n positions instead of their codes)."""
+    key/value, read for the last n positions instead of their codes). ``kernels``: the CPU extension of
+    ``kvcache.cpu_kernels``, which then reads the per-token codes (all values, token-layout keys) in one pass each."""
     bits = cache_bits(query, layer_past)
     keys, values = layer_past
     b, h, q_len, d = query.shape
@@ -152,7 +176,8 @@ def attention_blocked(query, layer_past, attn_mask=None, scale=None, fresh=None,
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     rows = b * h
-    block = default_block(rows, d) if block is None else block
+    if block is None:  # with the kernels, the buffer only holds the float residual keys (< one key group)
+        block = KEY_GROUP_SIZE if kernels is not None else default_block(rows, d)
     if block < 1:
         raise ValueError(f"block must be a positive number of positions, got {block}")
     n_fresh = 0 if fresh is None else fresh[0].shape[-2]
@@ -163,16 +188,16 @@ def attention_blocked(query, layer_past, attn_mask=None, scale=None, fresh=None,
     buf = torch.empty(rows, max(1, min(block, kv_len)), d, dtype=torch.float32, device=query.device)
     scores = torch.empty(rows, q_len, kv_len, dtype=torch.float32, device=query.device)
     if isinstance(keys, GroupedKeys):
-        _grouped_scores(q, keys, inv_freq, h, stored, block, buf, scores)
+        _grouped_scores(q, keys, inv_freq, h, stored, block, buf, scores, kernels)
     else:
-        _token_scores(q, keys, bits, stored, block, buf, scores)
+        _token_scores(q, keys, bits, stored, block, buf, scores, kernels)
     if n_fresh:
         scores[..., stored:] = torch.bmm(q, fresh[0].float().reshape(rows, n_fresh, d).transpose(1, 2))
     scores.mul_(scale)
     if mask is not None:
         scores.view(b, h, q_len, kv_len).add_(mask)
     probs = torch.softmax(scores, dim=-1)
-    out = _token_values(probs, values, bits, stored, block, buf)
+    out = _token_values(probs, values, bits, stored, block, buf, kernels)
     if n_fresh:
         out.baddbmm_(probs[..., stored:], fresh[1].float().reshape(rows, n_fresh, d))
     return out.reshape(b, h, q_len, d).to(query.dtype)

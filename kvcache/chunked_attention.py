@@ -1,4 +1,4 @@
-"""Attention over a quantized KV layer in blocks of positions, without a float copy of the layer (the CPU path).
+"""Attention over a quantized KV layer in blocks of positions, without a float copy of the layer (CPU, long chunks).
 
 The reference (``attention_torch``) dequantizes the whole layer's keys and values to float at every step, so a
 longer context costs more bytes than the float cache. Here the uint8 (or packed 4-bit) codes are read one block of

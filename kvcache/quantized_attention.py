@@ -21,6 +21,9 @@ from kvcache.rotary import apply_rotary_pos_emb, cached_cos_sin_at
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "blocked", "triton", "cuda")
+# Up to this many queries per row (decode, short chunks) "auto" on CPU takes the CPU kernels (kvcache.cpu_kernels),
+# which loop over the queries for every cached position; longer chunks take the matmul blocks of attention_chunked.
+KERNEL_QUERIES = 16
 _cuda_grouped_logged = False
 
 
@@ -185,8 +188,10 @@ def _blocked(*args, **kwargs):
 def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fresh=None, inv_freq=None):
     """Attention over a quantized layer with the chosen backend.
 
-    "auto" off CUDA runs ``kvcache.chunked_attention.attention_chunked`` (the codes read block by block with the
-    scale/zero algebra, no float copy of the layer; it takes ``fresh`` and both key layouts); "torch" is the
+    "auto" off CUDA runs the CPU kernels of ``kvcache.cpu_kernels`` through ``attention_blocked`` for up to
+    ``KERNEL_QUERIES`` queries and head_dim 64/128 (the uint8 codes read once, converted in registers), else (or
+    when the kernels cannot be built) ``kvcache.chunked_attention.attention_chunked`` (the codes read block by block
+    with the scale/zero algebra, no float copy of the layer); both take ``fresh`` and both key layouts. "torch" is the
     reference that dequantizes the whole layer. Otherwise, with ``fresh`` (the current chunk's float key/value, see
     ``attention_torch``) the torch reference runs whatever the backend: the fused kernels read every position from
     the quantized cache.
@@ -200,6 +205,12 @@ def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fre
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto" and not query.is_cuda:
+        if query.shape[-2] <= KERNEL_QUERIES and query.shape[-1] in (64, 128):
+            from kvcache.cpu_kernels import load_cpu_kernels
+
+            kernels = load_cpu_kernels()
+            if kernels is not None:
+                return _blocked(query, layer_past, attn_mask, scale, fresh=fresh, inv_freq=inv_freq, kernels=kernels)
         from kvcache.chunked_attention import attention_chunked
 
         return attention_chunked(query, layer_past, attn_mask, scale, fresh=fresh, inv_freq=inv_freq)

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
+from kvcache.blocked_attention import attention_blocked
 from kvcache.chunked_attention import attention_chunked
-from kvcache.quantized_attention import attention_torch, quantized_attention
+from kvcache.cpu_kernels import load_cpu_kernels
+from kvcache.quantized_attention import KERNEL_QUERIES, attention_torch, quantized_attention
 from kvcache.quantized_cache import QuantizedKVLayer
 from kvcache.rotary import cached_cos_sin_at, cos_sin_at, rotary_inv_freq
 
@@ -85,9 +87,14 @@ def test_long_context_small_chunks_and_dispatch(bits, layout):
     ref = attention_torch(query, layer_past, None, None, inv_freq=inv_freq)
     torch.testing.assert_close(attention_chunked(query, layer_past, None, None, inv_freq=inv_freq, chunk=64), ref,
                                atol=2e-5, rtol=2e-5)
-    # "auto" on CPU takes the block-wise path, "torch" the reference
+    # "auto" on CPU takes the CPU kernels for a decoded token, the block-wise path for a longer chunk of queries;
+    # "torch" is the reference
     auto = quantized_attention(query, layer_past, None, None, backend="auto", inv_freq=inv_freq)
-    assert torch.equal(auto, attention_chunked(query, layer_past, None, None, inv_freq=inv_freq))
+    assert torch.equal(auto, attention_blocked(query, layer_past, None, None, inv_freq=inv_freq,
+                                               kernels=load_cpu_kernels()))
+    chunk = query.expand(b, h, KERNEL_QUERIES + 1, d)
+    assert torch.equal(quantized_attention(chunk, layer_past, None, None, backend="auto", inv_freq=inv_freq),
+                       attention_chunked(chunk, layer_past, None, None, inv_freq=inv_freq))
     assert torch.equal(quantized_attention(query, layer_past, None, None, backend="torch", inv_freq=inv_freq), ref)
 
 

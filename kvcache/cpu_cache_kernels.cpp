@@ -1,0 +1,348 @@
+// CPU kernels for attention over a per-token quantized KV layer (8-bit codes, or 4-bit codes two per byte with the
+// even channel in the low nibble). They read the uint8 codes straight from the cache and convert them in registers,
+// so a decoded token reads 1 (8-bit) or 0.5 (4-bit) bytes per cached element instead of the float cache's 4; the
+// per-token scale s and zero z are applied by algebra (kvcache/cpu_kernels.py states it). Rows are batch x heads and
+// run in parallel (at::parallel_for). Built and loaded by kvcache/cpu_kernels.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// CPU tensor of `dtype` and `dim` dimensions, contiguous except for the stride of its first (row) dimension: the
+// cache's codes and scales are views into a larger reserved buffer (kvcache/reserved.py).
+void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* name) {
+  bool dense = true;
+  for (int64_t d = dim - 1, expected = 1; d >= 1; expected *= t.size(d), --d)
+    dense = dense && (t.size(d) == 1 || t.stride(d) == expected);
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == dim && dense, name,
+              " must be a CPU ", c10::toString(dtype), " tensor of ", dim, " dimensions, dense within a row");
+}
+
+// q[0:D] . codes of one position: 8 bits, W = D codes; 4 bits, W = D / 2 bytes against q in split order. W is a
+// compile-time constant so the loop unrolls into whole vectors.
+// q[0:D] . codes of one position: 8 bits, W = D codes; 4 bits, W = D / 2 bytes against q in split order. W is a
+// compile-time constant so the loop unrolls into whole vectors.
+template <int64_t W, int64_t BITS>
+inline float dot(const float* __restrict__ q, const uint8_t* __restrict__ c) {
+  static_assert(W % 16 == 0, "W must be a multiple of 16");
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d0 = 0; d0 < W; d0 += 16) {
+    const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + d0)));
+    if constexpr (BITS == 8) {
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d0), _mm512_cvtepi32_ps(codes), acc);
+    } else {
+      const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F)));
+      const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(codes, 4));
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d0), low, acc);
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + W + d0), high, acc);
+    }
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  constexpr int64_t L = 16;  // lanes of partial sums, one or two float vectors
+  float acc[L] = {};
+  for (int64_t d0 = 0; d0 < W; d0 += L) {
+    if constexpr (BITS == 8) {
+#pragma omp simd
+      for (int64_t j = 0; j < L; ++j) acc[j] += q[d0 + j] * static_cast<float>(c[d0 + j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < L; ++j)
+        acc[j] += q[d0 + j] * static_cast<float>(c[d0 + j] & 0x0F) +
+                  q[W + d0 + j] * static_cast<float>(c[d0 + j] >> 4);
+    }
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < L; ++j) total += acc[j];
+  return total;
+#endif
+}
+
+// acc[0:D] += w * codes of one position (split order for 4 bits), W a compile-time constant as in `dot`.
+template <int64_t W, int64_t BITS>
+inline void axpy(float* __restrict__ acc, float w, const uint8_t* __restrict__ c) {
+#if defined(__AVX512F__)
+  const __m512 wv = _mm512_set1_ps(w);
+  for (int64_t d0 = 0; d0 < W; d0 += 16) {
+    const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + d0)));
+    if constexpr (BITS == 8) {
+      _mm512_storeu_ps(acc + d0, _mm512_fmadd_ps(wv, _mm512_cvtepi32_ps(codes), _mm512_loadu_ps(acc + d0)));
+    } else {
+      const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F)));
+      const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(codes, 4));
+      _mm512_storeu_ps(acc + d0, _mm512_fmadd_ps(wv, low, _mm512_loadu_ps(acc + d0)));
+      _mm512_storeu_ps(acc + W + d0, _mm512_fmadd_ps(wv, high, _mm512_loadu_ps(acc + W + d0)));
+    }
+  }
+#else
+  if constexpr (BITS == 8) {
+#pragma omp simd
+    for (int64_t d = 0; d < W; ++d) acc[d] += w * static_cast<float>(c[d]);
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < W; ++d) {
+      acc[d] += w * static_cast<float>(c[d] & 0x0F);
+      acc[W + d] += w * static_cast<float>(c[d] >> 4);
+    }
+  }
+#endif
+}
+
+template <int64_t W, int64_t BITS>
+void score_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
+                at::Tensor& out) {
+  const int64_t R = q.size(0), Q = q.size(1), D = q.size(2), T = codes.size(1);
+  const float* qp = q.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = zero.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ss = scale.stride(0), zs = zero.stride(0), cs = codes.stride(0), qs = q.stride(0);
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qsum(Q);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* qr = qp + r * qs;
+      for (int64_t i = 0; i < Q; ++i) {
+        float acc = 0.f;
+        for (int64_t d = 0; d < D; ++d) acc += qr[i * D + d];
+        qsum[i] = acc;
+      }
+      const uint8_t* c = cp + r * cs;
+      const float* s = sp + r * ss;
+      const float* z = zp + r * zs;
+      for (int64_t i = 0; i < Q; ++i) {
+        const float* qi = qr + i * D;
+        float* o = op + (r * Q + i) * T;
+        for (int64_t t = 0; t < T; ++t) o[t] = s[t] * (dot<W, BITS>(qi, c + t * W) - z[t] * qsum[i]);
+      }
+    }
+  });
+}
+
+// scores[r, i, t] = s[r, t] * (q[r, i] . codes[r, t] - z[r, t] * sum(q[r, i])) for t < codes.size(1).
+// 8 bits: codes [R, T, D]; 4 bits: codes [R, T, D / 2] and q in split order (even channels, then odd ones).
+at::Tensor token_scores(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale,
+                        const at::Tensor& zero, int64_t bits) {
+  check(q, at::kFloat, 3, "q");
+  check(codes, at::kByte, 3, "codes");
+  check(scale, at::kFloat, 2, "scale");
+  check(zero, at::kFloat, 2, "zero");
+  const int64_t R = q.size(0), Q = q.size(1), D = q.size(2), T = codes.size(1), W = codes.size(2);
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  TORCH_CHECK(codes.size(0) == R && W == (bits == 8 ? D : D / 2) && D % (bits == 8 ? 1 : 2) == 0,
+              "codes do not fit q");
+  TORCH_CHECK(scale.size(0) == R && zero.size(0) == R && scale.size(1) >= T && zero.size(1) >= T,
+              "scale/zero do not fit codes");
+  auto out = at::empty({R, Q, T}, q.options());
+  switch (bits * 1000 + W) {
+    case 8064: score_rows<64, 8>(q, codes, scale, zero, out); break;
+    case 8128: score_rows<128, 8>(q, codes, scale, zero, out); break;
+    case 4032: score_rows<32, 4>(q, codes, scale, zero, out); break;
+    case 4064: score_rows<64, 4>(q, codes, scale, zero, out); break;
+    default: TORCH_CHECK(false, "CPU cache kernels take head_dim 64 or 128, got ", D);
+  }
+  return out;
+}
+
+template <int64_t W, int64_t BITS>
+void value_rows(const at::Tensor& probs, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
+                at::Tensor& out) {
+  const int64_t R = probs.size(0), Q = probs.size(1), P = probs.size(2), T = codes.size(1), D = out.size(2);
+  const float* pp = probs.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = zero.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ss = scale.stride(0), zs = zero.stride(0), cs = codes.stride(0), ps = probs.stride(0);
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[BITS == 8 ? W : 2 * W];
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* c = cp + r * cs;
+      const float* s = sp + r * ss;
+      const float* z = zp + r * zs;
+      for (int64_t i = 0; i < Q; ++i) {
+        const float* p = pp + r * ps + i * P;
+        std::fill(acc, acc + D, 0.f);
+        float shift = 0.f;
+        for (int64_t t = 0; t < T; ++t) {
+          const float w = p[t] * s[t];
+          shift += w * z[t];
+          axpy<W, BITS>(acc, w, c + t * W);
+        }
+        float* o = op + (r * Q + i) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = acc[d] - shift;
+      }
+    }
+  });
+}
+
+// out[r, i] = sum_t p[r, i, t] * s[r, t] * (codes[r, t] - z[r, t]) over t < codes.size(1), in float32.
+// 4 bits: the output comes in split order (even channels, then odd ones).
+at::Tensor token_values(const at::Tensor& probs, const at::Tensor& codes, const at::Tensor& scale,
+                        const at::Tensor& zero, int64_t bits, int64_t head_dim) {
+  check(probs, at::kFloat, 3, "probs");
+  check(codes, at::kByte, 3, "codes");
+  check(scale, at::kFloat, 2, "scale");
+  check(zero, at::kFloat, 2, "zero");
+  const int64_t R = probs.size(0), Q = probs.size(1), P = probs.size(2), T = codes.size(1), W = codes.size(2);
+  const int64_t D = head_dim;
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  TORCH_CHECK(codes.size(0) == R && W == (bits == 8 ? D : D / 2) && P >= T, "codes do not fit probs");
+  TORCH_CHECK(scale.size(0) == R && zero.size(0) == R && scale.size(1) >= T && zero.size(1) >= T,
+              "scale/zero do not fit codes");
+  auto out = at::empty({R, Q, D}, probs.options());
+  switch (bits * 1000 + W) {
+    case 8064: value_rows<64, 8>(probs, codes, scale, zero, out); break;
+    case 8128: value_rows<128, 8>(probs, codes, scale, zero, out); break;
+    case 4032: value_rows<32, 4>(probs, codes, scale, zero, out); break;
+    case 4064: value_rows<64, 4>(probs, codes, scale, zero, out); break;
+    default: TORCH_CHECK(false, "CPU cache kernels take head_dim 64 or 128, got ", D);
+  }
+  return out;
+}
+
+// Natural-order float codes k[0:D] of one 4-bit position (byte j: channel 2j low nibble, 2j + 1 high), dequantized
+// with one group's per-channel scale and -zero * scale: k = codes * s + nzs.
+template <int64_t D>
+inline void dequantize_grouped(float* __restrict__ k, const uint8_t* __restrict__ c, const float* __restrict__ s,
+                               const float* __restrict__ nzs) {
+  for (int64_t j = 0; j < D / 2; ++j) {
+    k[2 * j] = static_cast<float>(c[j] & 0x0F) * s[2 * j] + nzs[2 * j];
+    k[2 * j + 1] = static_cast<float>(c[j] >> 4) * s[2 * j + 1] + nzs[2 * j + 1];
+  }
+}
+
+template <int64_t D, bool FULL_ROTARY>
+void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& nzs,
+                  const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions, int64_t heads,
+                  int64_t group, at::Tensor& out) {
+  const int64_t R = q.size(0), Q = q.size(1), T = codes.size(1), half = cos.size(2), P = cos.size(1);
+  const float* qp = q.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = nzs.data_ptr<float>();
+  const float* cosp = cos.data_ptr<float>();
+  const float* sinp = sin.data_ptr<float>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t cs = codes.stride(0), gs = scale.size(1) * D, qs = q.stride(0), pst = positions.stride(0);
+  const bool per_batch = cos.size(0) > 1;
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float k[D];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / heads;
+      const float* table_c = cosp + (per_batch ? b * P * half : 0);
+      const float* table_s = sinp + (per_batch ? b * P * half : 0);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t g = t / group;
+        const uint8_t* c = cp + r * cs + t * (D / 2);
+        const float* sc = sp + r * gs + g * D;
+        const float* nz = zp + r * gs + g * D;
+        const int64_t at_pos = pos[b * pst + t];
+        const float* cr = table_c + at_pos * half;
+        const float* sr = table_s + at_pos * half;
+#if defined(__AVX512BW__)
+        if constexpr (FULL_ROTARY) {  // the whole position in D / 16 registers; half = D / 2
+          constexpr int64_t V = D / 16, H = V / 2;
+          __m512 kv[V];
+          for (int64_t b0 = 0; b0 < D / 2; b0 += 32) {  // 32 bytes -> 64 channels in natural order
+            const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b0)));
+            const __m512i pairs = _mm512_or_si512(_mm512_and_si512(x, _mm512_set1_epi16(0x0F)),
+                                                  _mm512_slli_epi16(_mm512_srli_epi16(x, 4), 8));
+            const __m128i part[4] = {_mm512_extracti32x4_epi32(pairs, 0), _mm512_extracti32x4_epi32(pairs, 1),
+                                     _mm512_extracti32x4_epi32(pairs, 2), _mm512_extracti32x4_epi32(pairs, 3)};
+            for (int64_t j = 0; j < 4; ++j) {
+              const int64_t v = b0 / 8 + j;
+              kv[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[j])), _mm512_loadu_ps(sc + 16 * v),
+                                      _mm512_loadu_ps(nz + 16 * v));
+            }
+          }
+          for (int64_t v = 0; v < H; ++v) {  // NeoX halves rotated by the position's angles
+            const __m512 cv = _mm512_loadu_ps(cr + 16 * v), sv = _mm512_loadu_ps(sr + 16 * v);
+            const __m512 lo = kv[v], hi = kv[v + H];
+            kv[v] = _mm512_fmsub_ps(lo, cv, _mm512_mul_ps(hi, sv));
+            kv[v + H] = _mm512_fmadd_ps(hi, cv, _mm512_mul_ps(lo, sv));
+          }
+          for (int64_t i = 0; i < Q; ++i) {
+            const float* qi = qp + r * qs + i * D;
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qi), kv[0]);
+            for (int64_t v = 1; v < V; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 16 * v), kv[v], acc);
+            op[(r * Q + i) * T + t] = _mm512_reduce_add_ps(acc);
+          }
+          continue;
+        }
+#endif
+        dequantize_grouped<D>(k, c, sc, nz);
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {  // NeoX halves: (k_i, k_{i+half}) rotated by the position's angle
+          const float lo = k[i], hi = k[i + half];
+          k[i] = lo * cr[i] - hi * sr[i];
+          k[i + half] = hi * cr[i] + lo * sr[i];
+        }
+        for (int64_t i = 0; i < Q; ++i) {
+          const float* qi = qp + r * qs + i * D;
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t d = 0; d < D; ++d) acc += qi[d] * k[d];
+          op[(r * Q + i) * T + t] = acc;
+        }
+      }
+    }
+  });
+}
+
+// Scores q . RoPE(k) of the quantized part of "channel_groups" keys: 4-bit codes [R, T, D / 2] in groups of `group`
+// positions with per-channel scale and -zero * scale [R, T / group, D], rotated at positions [B, >= T] (row r is
+// batch r / heads) with cos/sin tables [1 or B, > max position, rot_dim / 2]. q [R, Q, D] in natural order.
+at::Tensor grouped_scores(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale,
+                          const at::Tensor& nzs, const at::Tensor& cos, const at::Tensor& sin,
+                          const at::Tensor& positions, int64_t heads, int64_t group) {
+  check(q, at::kFloat, 3, "q");
+  check(codes, at::kByte, 3, "codes");
+  TORCH_CHECK(scale.is_contiguous() && nzs.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
+              positions.is_contiguous(), "scale, nzs, cos, sin and positions must be contiguous");
+  check(scale, at::kFloat, 3, "scale");
+  check(nzs, at::kFloat, 3, "nzs");
+  check(cos, at::kFloat, 3, "cos");
+  check(sin, at::kFloat, 3, "sin");
+  check(positions, at::kLong, 2, "positions");
+  const int64_t R = q.size(0), Q = q.size(1), D = q.size(2), T = codes.size(1);
+  TORCH_CHECK(codes.size(0) == R && codes.size(2) == D / 2 && T % group == 0 && scale.size(0) == R &&
+              scale.size(1) * group == T && scale.size(2) == D && nzs.sizes() == scale.sizes(), "codes/scales do not fit q");
+  TORCH_CHECK(2 * cos.size(2) <= D && cos.sizes() == sin.sizes() && R % heads == 0 &&
+              positions.size(0) * heads == R && positions.size(1) >= T &&
+              (cos.size(0) == 1 || cos.size(0) == positions.size(0)), "rotary tables/positions do not fit q");
+  if (T > 0) {
+    const int64_t lo = positions.narrow(1, 0, T).min().item<int64_t>(), hi = positions.narrow(1, 0, T).max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < cos.size(1), "positions outside the rotary table");
+  }
+  auto out = at::empty({R, Q, T}, q.options());
+  switch (D) {
+    case 64:
+      if (2 * cos.size(2) == D) grouped_rows<64, true>(q, codes, scale, nzs, cos, sin, positions, heads, group, out);
+      else grouped_rows<64, false>(q, codes, scale, nzs, cos, sin, positions, heads, group, out);
+      break;
+    case 128:
+      if (2 * cos.size(2) == D) grouped_rows<128, true>(q, codes, scale, nzs, cos, sin, positions, heads, group, out);
+      else grouped_rows<128, false>(q, codes, scale, nzs, cos, sin, positions, heads, group, out);
+      break;
+    default: TORCH_CHECK(false, "CPU cache kernels take head_dim 64 or 128, got ", D);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("token_scores", &token_scores, "s (q . codes - z sum(q)) of per-token quantized keys");
+  m.def("token_values", &token_values, "sum_t p s (codes - z) of per-token quantized values");
+  m.def("grouped_scores", &grouped_scores, "q . RoPE(k) of 4-bit channel_groups keys");
+}

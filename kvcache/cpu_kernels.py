@@ -1,0 +1,46 @@
+"""Builds and loads the CPU KV-cache kernels (``cpu_cache_kernels.cpp``) with torch's JIT loader, once per machine.
+
+The kernels score and weight a per-token quantized layer (8-bit, or 4-bit two codes per byte) reading its uint8 codes
+directly, converting them in registers: a decoded token reads 1 or 0.5 bytes per cached element where the float
+cache reads 4, and no float copy of a block is written. With per-token scale ``s`` and zero ``z``:
+
+* ``token_scores``: ``s (q·k_q − z Σq)`` = ``q·k`` for every stored position;
+* ``token_values``: ``Σ_t p_t s_t (v_q − z_t)`` = ``p @ V``.
+
+4-bit codes hold the even channel in the low nibble; the kernels take the query (and give the output) in split order
+(even channels, then odd ones). The build (gcc, ``-O3 -march=native``, about a minute the first time) goes to
+``kvcache.cpp_kernels.kernel_build_dir() / EXTENSION_NAME`` and is reused by later processes. Any failure logs one warning
+and yields ``None``, and attention falls back to the plain-torch blocks of ``kvcache.chunked_attention``.
+"""
+import logging
+from pathlib import Path
+
+from kvcache.cpp_kernels import kernel_build_dir
+
+logger = logging.getLogger(__name__)
+
+EXTENSION_NAME = "qwen_quant_cpu_cache_kernels"
+_state = {}
+
+
+def load_cpu_kernels(portable: bool = False):
+    """Builds (first time on this machine) and imports the extension; the module, or None when unavailable.
+
+    ``portable=True`` builds the plain C++ loops without ``-march=native`` (no AVX-512 intrinsics): what runs on a
+    CPU without AVX-512, built here so that tests cover it too."""
+    if portable in _state:
+        return _state[portable]
+    name = EXTENSION_NAME + ("_portable" if portable else "")
+    flags = ["-O3", "-fopenmp-simd"] + ([] if portable else ["-march=native"])
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = kernel_build_dir() / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("loading the CPU KV-cache kernels (built into %s on first use, about a minute)", build_dir)
+        _state[portable] = load(name=name, sources=[str(Path(__file__).resolve().parent / "cpu_cache_kernels.cpp")],
+                                build_directory=str(build_dir), extra_cflags=flags, verbose=False)
+    except Exception as err:  # noqa: BLE001 -- any build/import failure means "fall back", reported once
+        logger.warning("CPU KV-cache kernels could not be built or loaded (%s); using the plain-torch blocks", err)
+        _state[portable] = None
+    return _state[portable]
