@@ -20,8 +20,8 @@ in the reference; the result has the query's dtype. Temporaries: the score row `
 Same contract as ``kvcache.quantized_attention.attention_torch``, which stays the reference.
 
 With ``kernels`` (the CPU extension of ``kvcache.cpu_kernels``, what ``quantized_attention`` "auto" passes on CPU
-for a few queries) the token-layout scores, the grouped keys' quantized part and the values are computed by the
-kernels straight from the codes, one pass each, and the float buffer only holds the grouped keys' float residual.
+for a decode step) and no ``fresh``, the whole step is one call of the extension: scores straight from the codes
+(token keys, or grouped keys dequantized and rotated in registers), softmax in float32, values from the codes.
 """
 import math
 
@@ -61,16 +61,12 @@ def _merge_nibbles(t: torch.Tensor) -> torch.Tensor:
     return torch.stack((t[..., :half], t[..., half:]), dim=-1).flatten(-2)
 
 
-def _token_scores(query, keys, bits, stored, block, buf, scores, kernels=None):
+def _token_scores(query, keys, bits, stored, block, buf, scores):
     """Scores ``s (q·k_q) − s z Σq`` of the first ``stored`` positions of a token-layout key."""
     q_key, key_scale, key_zero = keys
     rows = query.shape[0]
     codes = q_key.reshape(rows, q_key.shape[-2], q_key.shape[-1])
     q = _split_nibbles(query) if bits == 4 else query
-    if kernels is not None:
-        scores[..., :stored] = kernels.token_scores(q.contiguous(), codes[:, :stored], _rows(key_scale, rows, stored),
-                                                    _rows(key_zero, rows, stored), bits)
-        return
     for start in range(0, stored, block):
         n = min(block, stored - start)
         kb = buf[:, :n]
@@ -92,7 +88,7 @@ def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     x1.mul_(cos).sub_(t)
 
 
-def _grouped_scores(query, keys: GroupedKeys, inv_freq, heads, stored, block, buf, scores, kernels=None):
+def _grouped_scores(query, keys: GroupedKeys, inv_freq, heads, stored, block, buf, scores):
     """Scores of the first ``stored`` positions of a ``"channel_groups"`` key: per block, dequantize and rotate."""
     if inv_freq is None:
         raise ValueError("the channel_groups key layout stores pre-RoPE keys: pass the rotary inv_freq")
@@ -113,11 +109,6 @@ def _grouped_scores(query, keys: GroupedKeys, inv_freq, heads, stored, block, bu
         scores[:, :, start:start + n] = torch.bmm(query, kb.transpose(1, 2))
 
     end = min(quantized, stored)
-    if kernels is not None and end:
-        scores[..., :end] = kernels.grouped_scores(query.contiguous(), codes, scale.contiguous(),
-                                                   neg_zs.contiguous(), cos_t, sin_t, positions, heads,
-                                                   KEY_GROUP_SIZE)[..., :end]
-        end = 0
     for start in range(0, end, block):
         n = min(block, quantized - start)
         g0, g1 = start // KEY_GROUP_SIZE, (start + n) // KEY_GROUP_SIZE
@@ -135,21 +126,12 @@ def _grouped_scores(query, keys: GroupedKeys, inv_freq, heads, stored, block, bu
         rotate_and_score(kb, start, n)
 
 
-def _rows(t: torch.Tensor, rows: int, stored: int) -> torch.Tensor:
-    """A per-position scale or zero ``[b, h, kv, 1]`` as float32 ``[rows, stored]`` (a view when it can be)."""
-    return t.reshape(rows, -1)[:, :stored].float()
-
-
-def _token_values(probs, values, bits, stored, block, buf, kernels=None):
+def _token_values(probs, values, bits, stored, block, buf):
     """``Σ p s (v_q − z)`` over the first ``stored`` positions: ``(p s) @ v_q − Σ p s z``, in float32."""
     q_value, value_scale, value_zero = values
     rows, q_len, _ = probs.shape
     d = buf.shape[-1]
     codes = q_value.reshape(rows, q_value.shape[-2], q_value.shape[-1])
-    if kernels is not None:
-        out = kernels.token_values(probs, codes[:, :stored], _rows(value_scale, rows, stored),
-                                   _rows(value_zero, rows, stored), bits, d)
-        return _merge_nibbles(out) if bits == 4 else out
     s = value_scale.reshape(rows, 1, -1)[..., :stored].float()
     weights = probs[..., :stored] * s
     out = -(weights * value_zero.reshape(rows, 1, -1)[..., :stored].float()).sum(-1, keepdim=True).expand(
@@ -167,7 +149,7 @@ def attention_blocked(query, layer_past, attn_mask=None, scale=None, fresh=None,
     """softmax(query @ K^T * scale + mask) @ V over a quantized layer, reading its codes ``block`` positions at a
     time (default ``default_block``); arguments as ``attention_torch`` (``fresh``: the current chunk's float
     key/value, read for the last n positions instead of their codes). ``kernels``: the CPU extension of
-    ``kvcache.cpu_kernels``, which then reads the per-token codes (all values, token-layout keys) in one pass each."""
+    ``kvcache.cpu_kernels``: the whole step in one call of it (``_attend_with_kernels``) when there is no ``fresh``."""
     bits = cache_bits(query, layer_past)
     keys, values = layer_past
     b, h, q_len, d = query.shape
@@ -175,9 +157,10 @@ def attention_blocked(query, layer_past, attn_mask=None, scale=None, fresh=None,
     mask = check_mask(attn_mask, query, kv_len)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
+    if kernels is not None and fresh is None:
+        return _attend_with_kernels(kernels, query, keys, values, bits, mask, scale, inv_freq)
     rows = b * h
-    if block is None:  # with the kernels, the buffer only holds the float residual keys (< one key group)
-        block = KEY_GROUP_SIZE if kernels is not None else default_block(rows, d)
+    block = default_block(rows, d) if block is None else block
     if block < 1:
         raise ValueError(f"block must be a positive number of positions, got {block}")
     n_fresh = 0 if fresh is None else fresh[0].shape[-2]
@@ -188,16 +171,50 @@ def attention_blocked(query, layer_past, attn_mask=None, scale=None, fresh=None,
     buf = torch.empty(rows, max(1, min(block, kv_len)), d, dtype=torch.float32, device=query.device)
     scores = torch.empty(rows, q_len, kv_len, dtype=torch.float32, device=query.device)
     if isinstance(keys, GroupedKeys):
-        _grouped_scores(q, keys, inv_freq, h, stored, block, buf, scores, kernels)
+        _grouped_scores(q, keys, inv_freq, h, stored, block, buf, scores)
     else:
-        _token_scores(q, keys, bits, stored, block, buf, scores, kernels)
+        _token_scores(q, keys, bits, stored, block, buf, scores)
     if n_fresh:
         scores[..., stored:] = torch.bmm(q, fresh[0].float().reshape(rows, n_fresh, d).transpose(1, 2))
     scores.mul_(scale)
     if mask is not None:
         scores.view(b, h, q_len, kv_len).add_(mask)
     probs = torch.softmax(scores, dim=-1)
-    out = _token_values(probs, values, bits, stored, block, buf, kernels)
+    out = _token_values(probs, values, bits, stored, block, buf)
     if n_fresh:
         out.baddbmm_(probs[..., stored:], fresh[1].float().reshape(rows, n_fresh, d))
+    return out.reshape(b, h, q_len, d).to(query.dtype)
+
+
+def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """A per-position scale or zero ``[b, h, kv, 1]`` as float32 ``[rows, kv]`` (a view when it can be)."""
+    return t.reshape(rows, -1).float()
+
+
+def _attend_with_kernels(kernels, query, keys, values, bits, mask, scale, inv_freq):
+    """The step in one call of the CPU kernels: scores from the codes, softmax (float32), values from the codes."""
+    b, h, q_len, d = query.shape
+    rows = b * h
+    q = query.float().reshape(rows, q_len, d)
+    q_value, value_scale, value_zero = values
+    value_args = (q_value.reshape(rows, q_value.shape[-2], -1), _rows(value_scale, rows), _rows(value_zero, rows))
+    mask = None if mask is None else mask.float()
+    if isinstance(keys, GroupedKeys):
+        if inv_freq is None:
+            raise ValueError("the channel_groups key layout stores pre-RoPE keys: pass the rotary inv_freq")
+        key_scale = keys.scale.reshape(rows, -1, d).float()
+        neg_zs = -(keys.zero.reshape(rows, -1, d).float() * key_scale)
+        positions = keys.positions.long().contiguous()
+        cos_t, sin_t = cos_sin_table(inv_freq.to(query.device), int(positions.max()) + 1 if positions.numel() else 1)
+        out = kernels.attend_grouped(q.contiguous(), keys.q_key.reshape(rows, keys.q_key.shape[-2], d // 2),
+                                     key_scale.contiguous(), neg_zs.contiguous(),
+                                     keys.residual.reshape(rows, -1, d).float(), cos_t, sin_t, positions,
+                                     KEY_GROUP_SIZE, *value_args, mask, scale, h)
+    else:
+        q_key, key_scale, key_zero = keys
+        out = kernels.attend_token((_split_nibbles(q) if bits == 4 else q).contiguous(),
+                                   q_key.reshape(rows, q_key.shape[-2], -1), _rows(key_scale, rows),
+                                   _rows(key_zero, rows), *value_args, mask, scale, h, bits)
+    if bits == 4:
+        out = _merge_nibbles(out)
     return out.reshape(b, h, q_len, d).to(query.dtype)

@@ -6,7 +6,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -222,9 +225,13 @@ inline void dequantize_grouped(float* __restrict__ k, const uint8_t* __restrict_
 
 template <int64_t D, bool FULL_ROTARY>
 void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& nzs,
+                  const at::Tensor& residual,
                   const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions, int64_t heads,
                   int64_t group, at::Tensor& out) {
   const int64_t R = q.size(0), Q = q.size(1), T = codes.size(1), half = cos.size(2), P = cos.size(1);
+  const int64_t OT = out.size(2), Tr = OT - T;  // output width: the quantized positions, then the float residual
+  const float* rp = residual.data_ptr<float>();
+  const int64_t rs = residual.stride(0);
   const float* qp = q.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -246,7 +253,7 @@ void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor
         const uint8_t* c = cp + r * cs + t * (D / 2);
         const float* sc = sp + r * gs + g * D;
         const float* nz = zp + r * gs + g * D;
-        const int64_t at_pos = pos[b * pst + t];
+        const int64_t at_pos = std::max<int64_t>(pos[b * pst + t], 0);  // padding slots (-1): masked anyway
         const float* cr = table_c + at_pos * half;
         const float* sr = table_s + at_pos * half;
 #if defined(__AVX512BW__)
@@ -275,7 +282,7 @@ void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor
             const float* qi = qp + r * qs + i * D;
             __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qi), kv[0]);
             for (int64_t v = 1; v < V; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 16 * v), kv[v], acc);
-            op[(r * Q + i) * T + t] = _mm512_reduce_add_ps(acc);
+            op[(r * Q + i) * OT + t] = _mm512_reduce_add_ps(acc);
           }
           continue;
         }
@@ -292,21 +299,41 @@ void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor
           float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
           for (int64_t d = 0; d < D; ++d) acc += qi[d] * k[d];
-          op[(r * Q + i) * T + t] = acc;
+          op[(r * Q + i) * OT + t] = acc;
+        }
+      }
+      for (int64_t t = 0; t < Tr; ++t) {  // the float residual (pre-RoPE, a partial group)
+        const float* src = rp + r * rs + t * D;
+        std::copy(src, src + D, k);
+        const int64_t at_pos = std::max<int64_t>(pos[b * pst + T + t], 0);
+        const float* cr = table_c + at_pos * half;
+        const float* sr = table_s + at_pos * half;
+        for (int64_t i = 0; i < half; ++i) {
+          const float lo = k[i], hi = k[i + half];
+          k[i] = lo * cr[i] - hi * sr[i];
+          k[i + half] = hi * cr[i] + lo * sr[i];
+        }
+        for (int64_t i = 0; i < Q; ++i) {
+          const float* qi = qp + r * qs + i * D;
+          float acc = 0.f;
+          for (int64_t d = 0; d < D; ++d) acc += qi[d] * k[d];
+          op[(r * Q + i) * OT + T + t] = acc;
         }
       }
     }
   });
 }
 
-// Scores q . RoPE(k) of the quantized part of "channel_groups" keys: 4-bit codes [R, T, D / 2] in groups of `group`
-// positions with per-channel scale and -zero * scale [R, T / group, D], rotated at positions [B, >= T] (row r is
-// batch r / heads) with cos/sin tables [1 or B, > max position, rot_dim / 2]. q [R, Q, D] in natural order.
+// Scores q . RoPE(k) of "channel_groups" keys: 4-bit codes [R, T, D / 2] in groups of `group` positions with
+// per-channel scale and -zero * scale [R, T / group, D], then the float residual [R, Tr, D] (pre-RoPE), rotated at
+// positions [B, >= T + Tr] (row r is batch r / heads; negative = padding, taken as 0) with cos/sin tables
+// [1 or B, > max position, rot_dim / 2]. q [R, Q, D] in natural order; the result is [R, Q, T + Tr].
 at::Tensor grouped_scores(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale,
-                          const at::Tensor& nzs, const at::Tensor& cos, const at::Tensor& sin,
-                          const at::Tensor& positions, int64_t heads, int64_t group) {
+                          const at::Tensor& nzs, const at::Tensor& residual, const at::Tensor& cos,
+                          const at::Tensor& sin, const at::Tensor& positions, int64_t heads, int64_t group) {
   check(q, at::kFloat, 3, "q");
   check(codes, at::kByte, 3, "codes");
+  check(residual, at::kFloat, 3, "residual");
   TORCH_CHECK(scale.is_contiguous() && nzs.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
               positions.is_contiguous(), "scale, nzs, cos, sin and positions must be contiguous");
   check(scale, at::kFloat, 3, "scale");
@@ -314,29 +341,115 @@ at::Tensor grouped_scores(const at::Tensor& q, const at::Tensor& codes, const at
   check(cos, at::kFloat, 3, "cos");
   check(sin, at::kFloat, 3, "sin");
   check(positions, at::kLong, 2, "positions");
-  const int64_t R = q.size(0), Q = q.size(1), D = q.size(2), T = codes.size(1);
+  const int64_t R = q.size(0), Q = q.size(1), D = q.size(2), T = codes.size(1), Tr = residual.size(1);
   TORCH_CHECK(codes.size(0) == R && codes.size(2) == D / 2 && T % group == 0 && scale.size(0) == R &&
-              scale.size(1) * group == T && scale.size(2) == D && nzs.sizes() == scale.sizes(), "codes/scales do not fit q");
+              scale.size(1) * group == T && scale.size(2) == D && nzs.sizes() == scale.sizes() &&
+              residual.size(0) == R && residual.size(2) == D, "codes/scales/residual do not fit q");
   TORCH_CHECK(2 * cos.size(2) <= D && cos.sizes() == sin.sizes() && R % heads == 0 &&
-              positions.size(0) * heads == R && positions.size(1) >= T &&
+              positions.size(0) * heads == R && positions.size(1) >= T + Tr &&
               (cos.size(0) == 1 || cos.size(0) == positions.size(0)), "rotary tables/positions do not fit q");
-  if (T > 0) {
-    const int64_t lo = positions.narrow(1, 0, T).min().item<int64_t>(), hi = positions.narrow(1, 0, T).max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < cos.size(1), "positions outside the rotary table");
+  if (T + Tr > 0) {
+    const auto used = positions.narrow(1, 0, T + Tr);
+    TORCH_CHECK(used.max().item<int64_t>() < cos.size(1), "positions outside the rotary table");
   }
-  auto out = at::empty({R, Q, T}, q.options());
+  auto out = at::empty({R, Q, T + Tr}, q.options());
   switch (D) {
     case 64:
-      if (2 * cos.size(2) == D) grouped_rows<64, true>(q, codes, scale, nzs, cos, sin, positions, heads, group, out);
-      else grouped_rows<64, false>(q, codes, scale, nzs, cos, sin, positions, heads, group, out);
+      if (2 * cos.size(2) == D) grouped_rows<64, true>(q, codes, scale, nzs, residual, cos, sin, positions, heads, group, out);
+      else grouped_rows<64, false>(q, codes, scale, nzs, residual, cos, sin, positions, heads, group, out);
       break;
     case 128:
-      if (2 * cos.size(2) == D) grouped_rows<128, true>(q, codes, scale, nzs, cos, sin, positions, heads, group, out);
-      else grouped_rows<128, false>(q, codes, scale, nzs, cos, sin, positions, heads, group, out);
+      if (2 * cos.size(2) == D) grouped_rows<128, true>(q, codes, scale, nzs, residual, cos, sin, positions, heads, group, out);
+      else grouped_rows<128, false>(q, codes, scale, nzs, residual, cos, sin, positions, heads, group, out);
       break;
     default: TORCH_CHECK(false, "CPU cache kernels take head_dim 64 or 128, got ", D);
   }
   return out;
+}
+
+// softmax(scores * scale + mask) in float32 over the last axis; mask (optional) broadcasts to [B, heads, Q, T].
+at::Tensor probabilities(at::Tensor scores, double scale, const c10::optional<at::Tensor>& mask, int64_t heads) {
+  scores.mul_(scale);
+  if (mask.has_value() && mask->defined()) {
+    auto view = scores.view({scores.size(0) / heads, heads, scores.size(1), scores.size(2)});
+    view.add_(*mask);
+  }
+  return at::softmax(scores, -1);
+}
+
+// One call for a decode step over a token-layout layer: softmax(s (q . k_q - z sum q) * scale + mask) weighted
+// values, [R, Q, D] (split channel order for 4 bits, like q).
+at::Tensor attend_token(const at::Tensor& q, const at::Tensor& key_codes, const at::Tensor& key_scale,
+                        const at::Tensor& key_zero, const at::Tensor& value_codes, const at::Tensor& value_scale,
+                        const at::Tensor& value_zero, const c10::optional<at::Tensor>& mask, double scale,
+                        int64_t heads, int64_t bits) {
+  auto probs = probabilities(token_scores(q, key_codes, key_scale, key_zero, bits), scale, mask, heads);
+  return token_values(probs, value_codes, value_scale, value_zero, bits, q.size(2));
+}
+
+// The same for "channel_groups" keys (arguments of grouped_scores) and 4-bit token values; output in split order.
+at::Tensor attend_grouped(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& nzs,
+                          const at::Tensor& residual, const at::Tensor& cos, const at::Tensor& sin,
+                          const at::Tensor& positions, int64_t group, const at::Tensor& value_codes,
+                          const at::Tensor& value_scale, const at::Tensor& value_zero,
+                          const c10::optional<at::Tensor>& mask, double softmax_scale, int64_t heads) {
+  auto scores = grouped_scores(q, codes, scale, nzs, residual, cos, sin, positions, heads, group);
+  auto probs = probabilities(scores, softmax_scale, mask, heads);
+  return token_values(probs, value_codes, value_scale, value_zero, 4, q.size(2));
+}
+
+// Per-row asymmetric quantization of float32 states [N, D] with round to nearest (even), the arithmetic of
+// kvcache.quantize_cache._quantize_token for float32 step by step (so the codes, scales and zeros are bit-identical):
+// 8 bits widen the range to contain 0 and round the zero point onto the grid; 4 bits keep the plain min/max grid
+// with a fractional zero point and pack two codes per byte (even channel low). Constant rows store scale |c| (1 for
+// zeros) and a zero point one below the codes for negative c. Returns (codes, scale [N, 1], zero [N, 1], finite).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> quantize_token(const at::Tensor& x, int64_t bits, double qmin_d,
+                                                                    double qmax_d) {
+  check(x, at::kFloat, 2, "x");
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  TORCH_CHECK(bits == 8 || (bits == 4 && x.size(1) % 2 == 0), "bits must be 8, or 4 with an even head_dim");
+  const int64_t N = x.size(0), D = x.size(1), W = bits == 8 ? D : D / 2;
+  const float qmin = static_cast<float>(qmin_d), qmax = static_cast<float>(qmax_d);
+  const float levels = static_cast<float>(qmax_d - qmin_d);
+  auto codes = at::empty({N, W}, x.options().dtype(at::kByte));
+  auto scale = at::empty({N, 1}, x.options());
+  auto zero = at::empty({N, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  float* zp = zero.data_ptr<float>();
+  bool finite = true;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* row = xp + n * D;
+    float fmin = row[0], fmax = row[0];
+    for (int64_t d = 0; d < D; ++d) {
+      finite = finite && std::isfinite(row[d]);
+      fmin = std::min(fmin, row[d]);
+      fmax = std::max(fmax, row[d]);
+    }
+    const float lo = bits == 8 ? std::min(fmin, 0.f) : fmin, hi = bits == 8 ? std::max(fmax, 0.f) : fmax;
+    const bool constant = fmax == fmin;
+    float s = (hi - lo) / levels;
+    float z = qmin - lo / (constant ? 1.f : s);
+    if (bits == 8) z = std::min(std::max(std::nearbyint(z), qmin), qmax);
+    if (constant) {
+      const float abs_c = std::fabs(fmax);
+      s = abs_c > 0.f ? abs_c : 1.f;
+      z = fmax < 0.f ? qmin + 1.f : qmin;
+    }
+    sp[n] = s;
+    zp[n] = z;
+    auto code = [&](float v) {
+      return static_cast<uint8_t>(std::min(std::max(std::nearbyint(v / s + z), qmin), qmax));
+    };
+    uint8_t* out = cp + n * W;
+    if (bits == 8) {
+      for (int64_t d = 0; d < D; ++d) out[d] = code(row[d]);
+    } else {
+      for (int64_t j = 0; j < W; ++j) out[j] = static_cast<uint8_t>(code(row[2 * j]) | (code(row[2 * j + 1]) << 4));
+    }
+  }
+  return {codes, scale, zero, finite};
 }
 
 }  // namespace
@@ -345,4 +458,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_scores", &token_scores, "s (q . codes - z sum(q)) of per-token quantized keys");
   m.def("token_values", &token_values, "sum_t p s (codes - z) of per-token quantized values");
   m.def("grouped_scores", &grouped_scores, "q . RoPE(k) of 4-bit channel_groups keys");
+  m.def("quantize_token", &quantize_token, "per-row asymmetric 8/4-bit quantization of float32 states");
+  m.def("attend_token", &attend_token, "decode attention over a token-layout quantized layer");
+  m.def("attend_grouped", &attend_grouped, "decode attention over a channel_groups quantized layer");
 }

@@ -5,7 +5,13 @@ directly, converting them in registers: a decoded token reads 1 or 0.5 bytes per
 cache reads 4, and no float copy of a block is written. With per-token scale ``s`` and zero ``z``:
 
 * ``token_scores``: ``s (q·k_q − z Σq)`` = ``q·k`` for every stored position;
-* ``token_values``: ``Σ_t p_t s_t (v_q − z_t)`` = ``p @ V``.
+* ``grouped_scores``: the ``"channel_groups"`` keys (4-bit, per-channel scales over groups of positions, pre-RoPE)
+  dequantized and rotated at their positions in registers, then ``q·k``; the float residual after them;
+* ``token_values``: ``Σ_t p_t s_t (v_q − z_t)`` = ``p @ V``;
+* ``attend_token`` / ``attend_grouped``: a whole decode step (scores, float32 softmax with the mask, values) in one
+  call, what ``kvcache.blocked_attention`` runs;
+* ``quantize_token``: the per-token quantizer of ``kvcache.quantize_cache`` for float32 states, bit-identical, one
+  call instead of ~20 small tensor ops (``QuantizedKVLayer`` uses it on CPU).
 
 4-bit codes hold the even channel in the low nibble; the kernels take the query (and give the output) in split order
 (even channels, then odd ones). The build (gcc, ``-O3 -march=native``, about a minute the first time) goes to
@@ -44,3 +50,14 @@ def load_cpu_kernels(portable: bool = False):
         logger.warning("CPU KV-cache kernels could not be built or loaded (%s); using the plain-torch blocks", err)
         _state[portable] = None
     return _state[portable]
+
+
+def quantize_token_cpu(kernels, states, bits: int, qmin: int, qmax: int):
+    """``quantize_cache_v(states, bits, qmax, qmin)`` for float32 CPU states [b, h, seq, d] in one kernel call:
+    bit-identical codes, scales and zeros (tests/test_cpu_kernels.py), without its ~20 small tensor ops per call
+    (a decode step quantizes one position per layer)."""
+    b, h, n, d = states.shape
+    codes, scale, zero, finite = kernels.quantize_token(states.reshape(-1, d).contiguous(), bits, qmin, qmax)
+    if not finite:
+        raise ValueError("quantize_cache_v: fdata contains NaN or inf values, which cannot be quantized")
+    return codes.view(b, h, n, -1), scale.view(b, h, n, 1), zero.view(b, h, n, 1)

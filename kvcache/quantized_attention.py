@@ -189,9 +189,9 @@ def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fre
     """Attention over a quantized layer with the chosen backend.
 
     "auto" off CUDA runs the CPU kernels of ``kvcache.cpu_kernels`` through ``attention_blocked`` for up to
-    ``KERNEL_QUERIES`` queries and head_dim 64/128 (the uint8 codes read once, converted in registers), else (or
-    when the kernels cannot be built) ``kvcache.chunked_attention.attention_chunked`` (the codes read block by block
-    with the scale/zero algebra, no float copy of the layer); both take ``fresh`` and both key layouts. "torch" is the
+    ``KERNEL_QUERIES`` queries, head_dim 64/128 and no ``fresh`` (the uint8 codes read once, converted in registers),
+    else (or when the kernels cannot be built) ``kvcache.chunked_attention.attention_chunked`` (the codes read block
+    by block with the scale/zero algebra, no float copy of the layer, ``fresh`` taken); both read both key layouts. "torch" is the
     reference that dequantizes the whole layer. Otherwise, with ``fresh`` (the current chunk's float key/value, see
     ``attention_torch``) the torch reference runs whatever the backend: the fused kernels read every position from
     the quantized cache.
@@ -205,7 +205,7 @@ def quantized_attention(query, layer_past, attn_mask, scale, backend="auto", fre
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto" and not query.is_cuda:
-        if query.shape[-2] <= KERNEL_QUERIES and query.shape[-1] in (64, 128):
+        if fresh is None and query.shape[-2] <= KERNEL_QUERIES and query.shape[-1] in (64, 128):
             from kvcache.cpu_kernels import load_cpu_kernels
 
             kernels = load_cpu_kernels()

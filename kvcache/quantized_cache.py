@@ -23,6 +23,7 @@ from functools import partial
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kvcache.cpu_kernels import load_cpu_kernels, quantize_token_cpu
 from kvcache.reserved import append
 from kvcache.quantize_cache import GRANULARITIES, KEY_GROUP_SIZE, GroupedKeys, quantize_cache_v, quantize_key_groups
 
@@ -113,6 +114,10 @@ class QuantizedKVLayer(DynamicLayer):
             qmax = torch.tensor(self.qmax, dtype=torch.float32, device=states.device)
             qmin = torch.tensor(self.qmin, dtype=torch.float32, device=states.device)
             return quantize_cache_v(states, self.bits, qmax, qmin, granularity="chunk")
+        if states.device.type == "cpu" and states.dtype == torch.float32:
+            kernels = load_cpu_kernels()
+            if kernels is not None:
+                return quantize_token_cpu(kernels, states, self.bits, self.qmin, self.qmax)
         return quantize_cache_v(states, self.bits, self.qmax, self.qmin, granularity=self.granularity)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs=None, *args, **kwargs):

@@ -54,16 +54,21 @@ def test_kernels_match_the_reference(kernels, bits, layout, b, h, kv_len, d, q_l
 
 
 @pytest.mark.parametrize("bits,layout", LAYOUTS)
-def test_fresh_tail_partial_rotary_and_bfloat16_query(kernels, bits, layout):
-    b, h, kv_len, d, n = 2, 3, 150, 64, 4
+def test_partial_rotary_bfloat16_query_and_padding_positions(kernels, bits, layout):
+    """Rotary on half the channels (the kernels' portable rotation path), a bfloat16 query, and left-padding slots
+    stored at position -1 (masked)."""
+    b, h, kv_len, d = 2, 3, 150, 64
     g = torch.Generator().manual_seed(1)
     key, value = torch.randn(b, h, kv_len, d, generator=g), torch.randn(b, h, kv_len, d, generator=g)
-    past = layer(bits, layout, key, value)
-    query = torch.randn(b, h, n, d, generator=g).bfloat16()
-    fresh = (key[..., -n:, :], value[..., -n:, :])
-    inv = inv_freq(d, rot=32)  # rotary on half the channels: the kernels' portable rotation path
-    want = attention_torch(query, past, None, None, fresh=fresh, inv_freq=inv)
-    got = attention_blocked(query, past, None, None, fresh=fresh, inv_freq=inv, kernels=kernels)
+    positions = torch.arange(kv_len)[None].repeat(b, 1)
+    positions[1, :9] = -1
+    cache = QuantizedKVCache(bits=bits, key_layout=layout)
+    past = cache.update(key, value, 0, cache_kwargs={"positions": positions})
+    query = torch.randn(b, h, 1, d, generator=g).bfloat16()
+    mask = left_padding_mask(b, 1, kv_len, [0, 9])
+    inv = inv_freq(d, rot=32)
+    want = attention_torch(query, past, mask, None, inv_freq=inv)
+    got = attention_blocked(query, past, mask, None, inv_freq=inv, kernels=kernels)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
 
@@ -103,7 +108,7 @@ def test_auto_on_cpu_uses_the_kernels_for_decode(monkeypatch):
 
     monkeypatch.setitem(cpu_kernels._state, False, Counting())
     torch.testing.assert_close(quantized_attention(query, past, None, None), want, atol=ATOL, rtol=RTOL)
-    assert calls == ["token_scores", "token_values"]
+    assert calls == ["attend_token"]
     monkeypatch.setitem(cpu_kernels._state, False, None)
     torch.testing.assert_close(quantized_attention(query, past, None, None), want, atol=ATOL, rtol=RTOL)
 
@@ -123,3 +128,31 @@ def test_kernels_reject_bad_input(kernels):
         kernels.token_scores(torch.randn(2, 1, 32), narrow, s, s, 8)
     with pytest.raises(RuntimeError, match="bits must be 8 or 4"):
         kernels.token_values(torch.rand(2, 1, 10), codes, s, s, 3, 64)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_token_is_bit_identical_to_quantize_cache_v(kernels, bits):
+    """The decode-step quantizer: same codes, scales and zeros as the torch reference, bit for bit, including zero
+    rows, constant rows of either sign, all-positive rows and odd sequence lengths."""
+    from kvcache.cpu_kernels import quantize_token_cpu
+    from kvcache.quantize_cache import quantize_cache_v
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(3, 5, 77, 64, generator=g) * torch.rand(3, 5, 77, 1, generator=g) * 10
+    x[0, 0, :5] = 0
+    x[0, 1, :5] = -2.5
+    x[0, 2, :5] = 3.0
+    x[1, 0, :3] = torch.rand(3, 64, generator=g) + 5
+    want = quantize_cache_v(x, bits, 2**bits - 1, 0)
+    got = quantize_token_cpu(kernels, x, bits, 0, 2**bits - 1)
+    for a, w in zip(got, want):
+        assert a.shape == w.shape and a.dtype == w.dtype and torch.equal(a, w)
+
+
+def test_cache_update_refuses_non_finite_states():
+    """The cache's CPU float32 update goes through the kernel quantizer and still names NaN/inf inputs."""
+    cache = QuantizedKVCache(bits=8)
+    key = torch.randn(1, 2, 3, 64)
+    key[0, 1, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        cache.update(key, torch.randn(1, 2, 3, 64), 0)
