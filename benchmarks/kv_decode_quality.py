@@ -3,9 +3,12 @@ with the CPU kernels (what decoding uses) and with the plain-torch blocks (the k
 
 ``benchmarks/kv_quality.py`` feeds chunks of 128 tokens (the peers' protocol), which never reach the kernels: they
 take one decoded token (up to ``KERNEL_QUERIES`` queries with no float ``fresh`` tail). Feeding one token at a time
-scores every prediction through them, so this shows that they change nothing the model predicts.
+scores every prediction through them. A quantized cache fed its own states amplifies float32 rounding (a difference
+of ~1e-6 flips the rounding of an occasional code of a later position), so the plain-torch path also runs with
+blocks of other sizes (``--plain-blocks``: the same arithmetic summed in another order) to show the size of that
+noise next to the kernels' difference.
 
-    python benchmarks/kv_decode_quality.py --model DIR --windows 1 --ctx 512
+    python benchmarks/kv_decode_quality.py --model DIR --windows 1 --ctx 512 --plain-blocks 1024,64
 """
 from __future__ import annotations
 
@@ -29,12 +32,20 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=1)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plain-blocks", default="1024",
+                        help="comma-separated block sizes (positions) of the plain-torch rows; the first is the "
+                             "one the kernels are compared with (default 1024, attention_chunked's default)")
     args = parser.parse_args(argv)
+    try:
+        blocks = [int(b) for b in args.plain_blocks.split(",")]
+    except ValueError:
+        parser.error(f"--plain-blocks must be comma-separated integers, got {args.plain_blocks!r}")
     if not (args.model / "config.json").is_file():
         parser.error(f"{args.model} is not a checkpoint directory (no config.json)")
-    if args.windows < 1 or args.ctx < 2:
-        parser.error("--windows must be >= 1 and --ctx >= 2")
+    if args.windows < 1 or args.ctx < 2 or min(blocks) < 1:
+        parser.error("--windows must be >= 1, --ctx >= 2 and --plain-blocks positive")
 
+    import kvcache.chunked_attention as chunked
     import kvcache.cpu_kernels as cpu_kernels
     from benchmarks.kv_quality import load_ids
     from kvcache.quantized_cache import QuantizedKVCache
@@ -50,9 +61,12 @@ def main(argv=None) -> int:
     model = QWenLMHeadModel.from_pretrained(args.model, torch_dtype=torch.float32).eval()
     kernels = cpu_kernels._state[False]
     rows = []
+    defaults = chunked.attention_chunked.__defaults__
     for name, bits in CACHES.items():
-        for path in (("kernels", "plain torch") if bits else ("-",)):
-            cpu_kernels._state[False] = kernels if path != "plain torch" else None
+        for path in (("kernels", *(f"plain torch, blocks of {b}" for b in blocks)) if bits else ("-",)):
+            cpu_kernels._state[False] = None if path.startswith("plain") else kernels
+            if path.startswith("plain"):  # the chunk size is attention_chunked's last default argument
+                chunked.attention_chunked.__defaults__ = (*defaults[:-1], int(path.rsplit(" ", 1)[1]))
             make = (lambda: ReservedCache(args.ctx)) if bits is None else (
                 lambda bits=bits: QuantizedKVCache(bits=bits, capacity=args.ctx))
             start = time.perf_counter()
@@ -60,15 +74,17 @@ def main(argv=None) -> int:
                                      progress=True)
             rows.append((name, path, ppl, time.perf_counter() - start))
             print(f"{name} ({path}): {ppl:.4f}", file=sys.stderr, flush=True)
+            chunked.attention_chunked.__defaults__ = defaults
     cpu_kernels._state[False] = kernels
     base = rows[0][2]
-    plain = {name: ppl for name, path, ppl, _ in rows if path == "plain torch"}
+    plain = {name: ppl for name, path, ppl, _ in rows if path == f"plain torch, blocks of {blocks[0]}"}
     print(f"{args.model.name}, wiki.test.raw, first {args.windows} window(s) of {args.ctx} tokens, one token at a "
           f"time, {args.threads} threads")
-    print("| cache | attention path | perplexity | vs float cache | kernels vs plain torch | seconds |")
+    print(f"| cache | attention path | perplexity | vs float cache | vs plain torch, blocks of {blocks[0]} | seconds |")
     print("|---|---|---|---|---|---|")
     for name, path, ppl, seconds in rows:
-        vs_plain = f"{100 * (ppl / plain[name] - 1):+.4f}%" if path == "kernels" else ""
+        vs_plain = "" if name == "float" or path == f"plain torch, blocks of {blocks[0]}" else \
+            f"{100 * (ppl / plain[name] - 1):+.4f}%"
         vs_float = "" if name == "float" else f"{100 * (ppl / base - 1):+.3f}%"
         print(f"| {name} | {path} | {ppl:.4f} | {vs_float} | {vs_plain} | {seconds:.0f} |")
     return 0
