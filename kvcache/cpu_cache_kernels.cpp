@@ -28,22 +28,22 @@ void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* n
               " must be a CPU ", c10::toString(dtype), " tensor of ", dim, " dimensions, dense within a row");
 }
 
-// q[0:D] . codes of one position: 8 bits, W = D codes; 4 bits, W = D / 2 bytes against q in split order. W is a
-// compile-time constant so the loop unrolls into whole vectors.
-// q[0:D] . codes of one position: 8 bits, W = D codes; 4 bits, W = D / 2 bytes against q in split order. W is a
-// compile-time constant so the loop unrolls into whole vectors.
+// q[0:D] . (codes - z) of one position: 8 bits, W = D codes; 4 bits, W = D / 2 bytes against q in split order. The
+// zero point is subtracted from each code before the product (small exact integers or a fractional 4-bit zero), so
+// no large q . codes and z * sum(q) cancel. W is a compile-time constant so the loop unrolls into whole vectors.
 template <int64_t W, int64_t BITS>
-inline float dot(const float* __restrict__ q, const uint8_t* __restrict__ c) {
+inline float dot(const float* __restrict__ q, const uint8_t* __restrict__ c, float z) {
   static_assert(W % 16 == 0, "W must be a multiple of 16");
 #if defined(__AVX512F__)
+  const __m512 zv = _mm512_set1_ps(z);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t d0 = 0; d0 < W; d0 += 16) {
     const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + d0)));
     if constexpr (BITS == 8) {
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d0), _mm512_cvtepi32_ps(codes), acc);
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d0), _mm512_sub_ps(_mm512_cvtepi32_ps(codes), zv), acc);
     } else {
-      const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F)));
-      const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(codes, 4));
+      const __m512 low = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F))), zv);
+      const __m512 high = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(codes, 4)), zv);
       acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d0), low, acc);
       acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + W + d0), high, acc);
     }
@@ -55,12 +55,12 @@ inline float dot(const float* __restrict__ q, const uint8_t* __restrict__ c) {
   for (int64_t d0 = 0; d0 < W; d0 += L) {
     if constexpr (BITS == 8) {
 #pragma omp simd
-      for (int64_t j = 0; j < L; ++j) acc[j] += q[d0 + j] * static_cast<float>(c[d0 + j]);
+      for (int64_t j = 0; j < L; ++j) acc[j] += q[d0 + j] * (static_cast<float>(c[d0 + j]) - z);
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < L; ++j)
-        acc[j] += q[d0 + j] * static_cast<float>(c[d0 + j] & 0x0F) +
-                  q[W + d0 + j] * static_cast<float>(c[d0 + j] >> 4);
+        acc[j] += q[d0 + j] * (static_cast<float>(c[d0 + j] & 0x0F) - z) +
+                  q[W + d0 + j] * (static_cast<float>(c[d0 + j] >> 4) - z);
     }
   }
   float total = 0.f;
@@ -69,18 +69,19 @@ inline float dot(const float* __restrict__ q, const uint8_t* __restrict__ c) {
 #endif
 }
 
-// acc[0:D] += w * codes of one position (split order for 4 bits), W a compile-time constant as in `dot`.
+// acc[0:D] += w * (codes - z) of one position (split order for 4 bits), W a compile-time constant as in `dot`.
 template <int64_t W, int64_t BITS>
-inline void axpy(float* __restrict__ acc, float w, const uint8_t* __restrict__ c) {
+inline void axpy(float* __restrict__ acc, float w, const uint8_t* __restrict__ c, float z) {
 #if defined(__AVX512F__)
-  const __m512 wv = _mm512_set1_ps(w);
+  const __m512 wv = _mm512_set1_ps(w), zv = _mm512_set1_ps(z);
   for (int64_t d0 = 0; d0 < W; d0 += 16) {
     const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + d0)));
     if constexpr (BITS == 8) {
-      _mm512_storeu_ps(acc + d0, _mm512_fmadd_ps(wv, _mm512_cvtepi32_ps(codes), _mm512_loadu_ps(acc + d0)));
+      const __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(codes), zv);
+      _mm512_storeu_ps(acc + d0, _mm512_fmadd_ps(wv, v, _mm512_loadu_ps(acc + d0)));
     } else {
-      const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F)));
-      const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(codes, 4));
+      const __m512 low = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F))), zv);
+      const __m512 high = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(codes, 4)), zv);
       _mm512_storeu_ps(acc + d0, _mm512_fmadd_ps(wv, low, _mm512_loadu_ps(acc + d0)));
       _mm512_storeu_ps(acc + W + d0, _mm512_fmadd_ps(wv, high, _mm512_loadu_ps(acc + W + d0)));
     }
@@ -88,12 +89,12 @@ inline void axpy(float* __restrict__ acc, float w, const uint8_t* __restrict__ c
 #else
   if constexpr (BITS == 8) {
 #pragma omp simd
-    for (int64_t d = 0; d < W; ++d) acc[d] += w * static_cast<float>(c[d]);
+    for (int64_t d = 0; d < W; ++d) acc[d] += w * (static_cast<float>(c[d]) - z);
   } else {
 #pragma omp simd
     for (int64_t d = 0; d < W; ++d) {
-      acc[d] += w * static_cast<float>(c[d] & 0x0F);
-      acc[W + d] += w * static_cast<float>(c[d] >> 4);
+      acc[d] += w * (static_cast<float>(c[d] & 0x0F) - z);
+      acc[W + d] += w * (static_cast<float>(c[d] >> 4) - z);
     }
   }
 #endif
@@ -110,27 +111,21 @@ void score_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& 
   float* op = out.data_ptr<float>();
   const int64_t ss = scale.stride(0), zs = zero.stride(0), cs = codes.stride(0), qs = q.stride(0);
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qsum(Q);
     for (int64_t r = begin; r < end; ++r) {
       const float* qr = qp + r * qs;
-      for (int64_t i = 0; i < Q; ++i) {
-        float acc = 0.f;
-        for (int64_t d = 0; d < D; ++d) acc += qr[i * D + d];
-        qsum[i] = acc;
-      }
       const uint8_t* c = cp + r * cs;
       const float* s = sp + r * ss;
       const float* z = zp + r * zs;
       for (int64_t i = 0; i < Q; ++i) {
         const float* qi = qr + i * D;
         float* o = op + (r * Q + i) * T;
-        for (int64_t t = 0; t < T; ++t) o[t] = s[t] * (dot<W, BITS>(qi, c + t * W) - z[t] * qsum[i]);
+        for (int64_t t = 0; t < T; ++t) o[t] = s[t] * dot<W, BITS>(qi, c + t * W, z[t]);
       }
     }
   });
 }
 
-// scores[r, i, t] = s[r, t] * (q[r, i] . codes[r, t] - z[r, t] * sum(q[r, i])) for t < codes.size(1).
+// scores[r, i, t] = s[r, t] * q[r, i] . (codes[r, t] - z[r, t]) for t < codes.size(1).
 // 8 bits: codes [R, T, D]; 4 bits: codes [R, T, D / 2] and q in split order (even channels, then odd ones).
 at::Tensor token_scores(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale,
                         const at::Tensor& zero, int64_t bits) {
@@ -174,14 +169,8 @@ void value_rows(const at::Tensor& probs, const at::Tensor& codes, const at::Tens
       for (int64_t i = 0; i < Q; ++i) {
         const float* p = pp + r * ps + i * P;
         std::fill(acc, acc + D, 0.f);
-        float shift = 0.f;
-        for (int64_t t = 0; t < T; ++t) {
-          const float w = p[t] * s[t];
-          shift += w * z[t];
-          axpy<W, BITS>(acc, w, c + t * W);
-        }
-        float* o = op + (r * Q + i) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[d] - shift;
+        for (int64_t t = 0; t < T; ++t) axpy<W, BITS>(acc, p[t] * s[t], c + t * W, z[t]);
+        std::copy(acc, acc + D, op + (r * Q + i) * D);
       }
     }
   });
@@ -377,7 +366,7 @@ at::Tensor probabilities(at::Tensor scores, double scale, const c10::optional<at
   return at::softmax(scores, -1);
 }
 
-// One call for a decode step over a token-layout layer: softmax(s (q . k_q - z sum q) * scale + mask) weighted
+// One call for a decode step over a token-layout layer: softmax(s q . (k_q - z) * scale + mask) weighted
 // values, [R, Q, D] (split channel order for 4 bits, like q).
 at::Tensor attend_token(const at::Tensor& q, const at::Tensor& key_codes, const at::Tensor& key_scale,
                         const at::Tensor& key_zero, const at::Tensor& value_codes, const at::Tensor& value_scale,
@@ -455,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> quantize_token(const at::Te
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("token_scores", &token_scores, "s (q . codes - z sum(q)) of per-token quantized keys");
+  m.def("token_scores", &token_scores, "s q . (codes - z) of per-token quantized keys");
   m.def("token_values", &token_values, "sum_t p s (codes - z) of per-token quantized values");
   m.def("grouped_scores", &grouped_scores, "q . RoPE(k) of 4-bit channel_groups keys");
   m.def("quantize_token", &quantize_token, "per-row asymmetric 8/4-bit quantization of float32 states");

@@ -2,12 +2,13 @@
 
 The kernels score and weight a per-token quantized layer (8-bit, or 4-bit two codes per byte) reading its uint8 codes
 directly, converting them in registers: a decoded token reads 1 or 0.5 bytes per cached element where the float
-cache reads 4, and no float copy of a block is written. With per-token scale ``s`` and zero ``z``:
+cache reads 4, and no float copy of a block is written. With per-token scale ``s`` and zero ``z`` (subtracted from
+each code before the product, so no large terms cancel):
 
-* ``token_scores``: ``s (q·k_q − z Σq)`` = ``q·k`` for every stored position;
+* ``token_scores``: ``s q·(k_q − z)`` = ``q·k`` for every stored position;
 * ``grouped_scores``: the ``"channel_groups"`` keys (4-bit, per-channel scales over groups of positions, pre-RoPE)
   dequantized and rotated at their positions in registers, then ``q·k``; the float residual after them;
-* ``token_values``: ``Σ_t p_t s_t (v_q − z_t)`` = ``p @ V``;
+* ``token_values``: ``Σ_t (p_t s_t) (v_q − z_t)`` = ``p @ V``;
 * ``attend_token`` / ``attend_grouped``: a whole decode step (scores, float32 softmax with the mask, values) in one
   call, what ``kvcache.blocked_attention`` runs;
 * ``quantize_token``: the per-token quantizer of ``kvcache.quantize_cache`` for float32 states, bit-identical, one
