@@ -5,8 +5,8 @@ with the CPU kernels (what decoding uses) and with the plain-torch blocks (the k
 take one decoded token (up to ``KERNEL_QUERIES`` queries with no float ``fresh`` tail). Feeding one token at a time
 scores every prediction through them. A quantized cache fed its own states amplifies float32 rounding (a difference
 of ~1e-6 flips the rounding of an occasional code of a later position), so the plain-torch path also runs with
-blocks of other sizes (``--plain-blocks``: the same arithmetic summed in another order) to show the size of that
-noise next to the kernels' difference.
+blocks of other sizes (``--plain-blocks``: the same arithmetic summed in another order), and the dequantizing
+reference ``attention_torch`` runs too, to show the size of that noise next to the kernels' difference.
 
     python benchmarks/kv_decode_quality.py --model DIR --windows 1 --ctx 512 --plain-blocks 1024,64
 """
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     import kvcache.chunked_attention as chunked
     import kvcache.cpu_kernels as cpu_kernels
     from benchmarks.kv_quality import load_ids
+    from kvcache.quantized_attention import attention_torch
     from kvcache.quantized_cache import QuantizedKVCache
     from kvcache.reserved import ReservedCache
     from quantize.evaluate import chunked_perplexity
@@ -61,12 +62,19 @@ def main(argv=None) -> int:
     model = QWenLMHeadModel.from_pretrained(args.model, torch_dtype=torch.float32).eval()
     kernels = cpu_kernels._state[False]
     rows = []
-    defaults = chunked.attention_chunked.__defaults__
+    defaults, blockwise = chunked.attention_chunked.__defaults__, chunked.attention_chunked
+
+    def reference(query, layer_past, attn_mask=None, scale=None, fresh=None, inv_freq=None, chunk=None):
+        return attention_torch(query, layer_past, attn_mask, scale, fresh=fresh, inv_freq=inv_freq)
+
     for name, bits in CACHES.items():
-        for path in (("kernels", *(f"plain torch, blocks of {b}" for b in blocks)) if bits else ("-",)):
-            cpu_kernels._state[False] = None if path.startswith("plain") else kernels
+        paths = ("kernels", *(f"plain torch, blocks of {b}" for b in blocks), "dequantize reference")
+        for path in (paths if bits else ("-",)):
+            cpu_kernels._state[False] = kernels if path == "kernels" else None
             if path.startswith("plain"):  # the chunk size is attention_chunked's last default argument
-                chunked.attention_chunked.__defaults__ = (*defaults[:-1], int(path.rsplit(" ", 1)[1]))
+                blockwise.__defaults__ = (*defaults[:-1], int(path.rsplit(" ", 1)[1]))
+            if path == "dequantize reference":  # "auto" on CPU without the kernels calls attention_chunked
+                chunked.attention_chunked = reference
             make = (lambda: ReservedCache(args.ctx)) if bits is None else (
                 lambda bits=bits: QuantizedKVCache(bits=bits, capacity=args.ctx))
             start = time.perf_counter()
@@ -74,7 +82,7 @@ def main(argv=None) -> int:
                                      progress=True)
             rows.append((name, path, ppl, time.perf_counter() - start))
             print(f"{name} ({path}): {ppl:.4f}", file=sys.stderr, flush=True)
-            chunked.attention_chunked.__defaults__ = defaults
+            blockwise.__defaults__, chunked.attention_chunked = defaults, blockwise
     cpu_kernels._state[False] = kernels
     base = rows[0][2]
     plain = {name: ppl for name, path, ppl, _ in rows if path == f"plain torch, blocks of {blocks[0]}"}
