@@ -59,14 +59,18 @@ def load_native_quantized(path, device=None, dtype=torch.float32, kernel: str = 
     return model.eval()
 
 
-def load_model(path, device=None):
+def load_model(path, device=None, kernel: str = "torch"):
     """Any checkpoint this package quantizes or writes, float or GPTQ: Qwen v1 as `QWenLMHeadModel`, the native
-    families as transformers' own class (GPTQ ones through `load_native_quantized`), in eval mode on `device`."""
+    families as transformers' own class (GPTQ ones through `load_native_quantized`), in eval mode on `device`.
+
+    What evaluation loads: GPTQ layers use QuantLinear `kernel` ("torch" by default, the dequantize reference, and the
+    float lm_head as stored), so a perplexity measures the checkpoint's exact weights in float32, not a fast
+    kernel's bfloat16 rounding (see `benchmarks/quant_linear_quality.py` for what "auto" changes)."""
     family = family_for(path)
     if family.name == "qwen":
         from qwen_model.modeling_qwen import QWenLMHeadModel
 
-        return QWenLMHeadModel.from_pretrained(path).to(device or "cpu").eval()
+        return QWenLMHeadModel.from_pretrained(path, gptq_kernel=kernel).to(device or "cpu").eval()
     if gptq_settings(family.load_config(path), path) is not None:
-        return load_native_quantized(path, device)
+        return load_native_quantized(path, device, kernel=kernel)
     return family.model_class.from_pretrained(path, dtype=torch.float32).to(device or "cpu").eval()

@@ -59,3 +59,24 @@ def test_cast_module_behaves_as_a_linear():
     half.float()
     x = torch.randn(2, 96)
     assert torch.allclose(half(x), F.linear(x, linear.weight.half().float()), atol=1e-6)
+
+
+def test_evaluation_loads_the_reference_and_from_pretrained_the_fast_path(tiny_dir, tmp_path):
+    """`load_model` (what perplexity evaluation uses) measures the checkpoint's exact weights: QuantLinear's
+    dequantize reference and the float32 lm_head; `from_pretrained` serves with "auto" and the float16 head."""
+    from quantize.native_checkpoint import load_model
+    from quantize.quant_linear import QuantLinear
+    from quantize.quantize_model import QuantizeSettings, quantize_checkpoint
+    from qwen_model.modeling_qwen import QWenLMHeadModel
+
+    out = quantize_checkpoint(tiny_dir, tmp_path / "int4", QuantizeSettings(bits=4, group_size=32, method="rtn"))
+    evaluated, served = load_model(out), QWenLMHeadModel.from_pretrained(out)
+    kernels = {m.kernel for m in evaluated.modules() if isinstance(m, QuantLinear)}
+    assert kernels == {"torch"}
+    assert type(evaluated.lm_head) is torch.nn.Linear and evaluated.lm_head.weight.dtype == torch.float32
+    assert {m.kernel for m in served.modules() if isinstance(m, QuantLinear)} == {"auto"}
+    assert isinstance(served.lm_head, Float16Linear)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        fast, exact = served(ids).logits, evaluated(ids).logits
+    assert 0 < ((fast - exact).norm() / exact.norm()).item() < 2e-2  # bfloat16 kernels and float16 head: close
