@@ -15,8 +15,9 @@ Rows:
   ``DynamicCache`` and ``QuantizedCache`` (quanto int4 / hqq int8, q_group_size 64, residual 128). The peer's cache
   returns a chunk's own keys/values in float; only earlier chunks are read back quantized.
 * native-*: our ``QuantizedKVCache`` in that same ``LlamaForCausalLM`` (transformers' own class, 3 KV heads), through
-  ``kvcache.native_attention`` (token key layout: the model rotates keys before the cache); a chunk attends to its
-  own keys/values in full precision, as in ours-* and peer-*.
+  ``kvcache.native_attention``; native-int4 is the default 4-bit layout (the keys the model rotated are rotated
+  back before the cache, then grouped per channel as in ours-int4), native-int4-token the post-RoPE per-token one.
+  A chunk attends to its own keys/values in full precision, as in ours-* and peer-*.
 * sim-*: what-if rows on our float model: a DynamicCache holding quantize-then-dequantize keys/values (the same
   numbers the quantized model attends to, see tests/test_kv_model.py), with the current chunk kept in float as the
   peer does ("own-float"), and optionally keys grouped per channel over each chunk (KIVI). Bytes are not measured.
@@ -51,10 +52,11 @@ CTX, CHUNK, WINDOWS = 1024, 128, 4
 PEER_PUBLISHED = {"peer-float": 23.237, "peer-quanto-int4": 23.417, "peer-hqq-int8": 23.290}
 ROWS = ("peer-float", "peer-quanto-int4", "peer-hqq-int8", "ours-int8-fp16", "ours-int4-fp16", "ours-int4-token-fp16",
         "ours-int8", "ours-int4",
-        "native-float", "native-int8-fp16", "native-int4-token-fp16", "native-int8", "native-int4-token",
+        "native-float", "native-int8-fp16", "native-int4-fp16", "native-int4-token-fp16", "native-int8", "native-int4",
+        "native-int4-token",
         "ours-float", "sim-int4-own-float", "sim-int4-kivi-own-float", "sim-int4-minmax", "sim-int4-minmax-own-float",
         "sim-int4-kivi-minmax-own-float", "sim-int4-g32-own-float", "sim-int4-g32-minmax-own-float", "ours-chunk-int8")
-PERPLEXITY_FREE = ("ours-int8", "ours-int4", "native-int8", "native-int4-token")  # same numbers as the -fp16 rows up to fp16 rounding: bytes only
+PERPLEXITY_FREE = ("ours-int8", "ours-int4", "native-int8", "native-int4", "native-int4-token")  # same numbers as the -fp16 rows up to fp16 rounding: bytes only
 
 
 def tensor_bytes(obj, seen: set) -> int:
@@ -219,6 +221,8 @@ def make_row(name: str, model_dir: Path, models: dict):
             "native-float": DynamicCache,
             "native-int8": lambda: QuantizedKVCache(bits=8),
             "native-int8-fp16": lambda: QuantizedKVCache(bits=8, storage_dtype=torch.float16),
+            "native-int4": lambda: QuantizedKVCache(bits=4),
+            "native-int4-fp16": lambda: QuantizedKVCache(bits=4, storage_dtype=torch.float16),
             "native-int4-token": lambda: QuantizedKVCache(bits=4, key_layout="token"),
             "native-int4-token-fp16": lambda: QuantizedKVCache(bits=4, storage_dtype=torch.float16,
                                                                key_layout="token"),

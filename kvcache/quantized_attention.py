@@ -83,13 +83,18 @@ def check_mask(attn_mask, query: torch.Tensor, kv_len: int):
         ) from err
 
 
+def _dequantized(q, scale, zero, bits, dtype):
+    """``scale * (q - zero)`` computed in float32 (the exact stored value, whatever the scales' dtype), in dtype."""
+    return dequantize_cache_torch(q, scale.float(), zero.float(), bits=bits).to(dtype)
+
+
 def rotated_keys(keys: GroupedKeys, inv_freq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The float keys ``[b, h, kv_len, d]`` of a ``"channel_groups"`` layer: dequantized groups and the residual,
-    rotated at their stored positions (padding slots, position -1, at position 0: they are masked anyway)."""
+    """The float keys ``[b, h, kv_len, d]`` of a ``"channel_groups"`` layer: dequantized groups (in float32, then
+    dtype) and the residual, rotated at their stored positions (padding slots, position -1, at position 0: they are masked anyway)."""
     if inv_freq is None:
         raise ValueError("the channel_groups key layout stores pre-RoPE keys: pass the rotary inv_freq")
-    key = torch.cat((dequantize_key_groups(keys.q_key, keys.scale, keys.zero).to(dtype), keys.residual.to(dtype)),
-                    dim=-2)
+    groups = dequantize_key_groups(keys.q_key, keys.scale.float(), keys.zero.float())
+    key = torch.cat((groups.to(dtype), keys.residual.to(dtype)), dim=-2)
     cos, sin = cached_cos_sin_at(keys.positions.clamp(min=0), inv_freq.to(key.device))
     return apply_rotary_pos_emb(key, cos, sin)
 
@@ -108,11 +113,11 @@ def attention_torch(query, layer_past, attn_mask=None, scale=None, softmax_in_fp
     if isinstance(keys, GroupedKeys):
         key = rotated_keys(keys, inv_freq, query.dtype)
     else:
-        key = dequantize_cache_torch(*keys, bits=bits).to(query.dtype)
+        key = _dequantized(*keys, bits, query.dtype)
     mask = check_mask(attn_mask, query, key.shape[-2])
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    value = dequantize_cache_torch(q_value, value_scale, value_zero, bits=bits).to(query.dtype)
+    value = _dequantized(q_value, value_scale, value_zero, bits, query.dtype)
     if fresh is not None:
         n = fresh[0].shape[-2]
         key[..., -n:, :] = fresh[0]

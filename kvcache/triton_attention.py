@@ -101,14 +101,14 @@ def _quantized_attention_kernel(
 
 @triton.jit
 def _group_key_tile(QK, KS, KZ, rows, groups, chans, tile_mask, HEAD_DIM: tl.constexpr):
-    """Channels ``chans`` of channel-group keys, ``scale[group, c] * (q - zero[group, c])`` computed in the scales'
-    dtype, as ``dequantize_key_groups`` does."""
+    """Channels ``chans`` of channel-group keys, ``scale[group, c] * (q - zero[group, c])`` computed in fp32 (the
+    exact stored value, as the torch reference computes it)."""
     codes = tl.load(QK + rows[:, None] * (HEAD_DIM // 2) + chans[None, :] // 2, mask=tile_mask, other=0)
     codes = (codes >> ((chans[None, :] % 2) * 4)) & 0xF
     at = groups[:, None] * HEAD_DIM + chans[None, :]
-    scale = tl.load(KS + at, mask=tile_mask, other=0.0)
-    zero = tl.load(KZ + at, mask=tile_mask, other=0.0)
-    return (codes.to(scale.dtype) - zero) * scale
+    scale = tl.load(KS + at, mask=tile_mask, other=0.0).to(tl.float32)
+    zero = tl.load(KZ + at, mask=tile_mask, other=0.0).to(tl.float32)
+    return (codes.to(tl.float32) - zero) * scale
 
 
 @triton.jit

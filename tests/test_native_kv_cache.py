@@ -1,12 +1,16 @@
 """QuantizedKVCache in transformers-native models (tiny seeded Qwen2 with GQA and biases, Qwen3 with q/k norms,
 Llama) through kvcache.native_attention: generate() with batches and left padding, against the float cache and
-against the torch reference attention over the same quantized numbers; the channel_groups layout is refused."""
+against the torch reference attention over the same quantized numbers; the 4-bit channel_groups layout (keys
+rotated back before the cache) against the float keys."""
+from functools import partial
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from kvcache.native_attention import use_quantized_kv_attention
-from kvcache.quantize_cache import dequantize_cache_torch
+from kvcache.quantize_cache import GroupedKeys, dequantize_cache_torch
+from kvcache.quantized_attention import quantized_attention
 from kvcache.quantized_cache import QuantizedKVCache, cache_nbytes
 from native_tiny import create_native_tiny
 
@@ -100,7 +104,66 @@ def test_prefill_chunk_attends_to_itself_in_full_precision(models, model_type):
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
 
 
-def test_channel_groups_layout_is_refused(models):
-    ids, _ = _batch()
-    with pytest.raises(ValueError, match="key_layout='token'"), torch.no_grad():
-        models["llama"].generate(ids[1:], max_new_tokens=2, do_sample=False, cache=QuantizedKVCache(bits=4))
+@pytest.mark.parametrize("model_type", TYPES)
+def test_channel_groups_keys_are_the_float_keys_before_the_rotary(models, model_type):
+    """A 70-token prefill: the cache keeps 64 keys quantized per channel and 6 in its float residual. Rotated with
+    the model's inv_freq at their positions, the residual equals the float cache's keys (the un-rotation is exact
+    up to float rounding; Qwen3's linear rope scaling included), and the quantized ones are within half a step."""
+    from kvcache.quantize_cache import dequantize_key_groups
+    from kvcache.quantized_attention import rotated_keys
+    from kvcache.rotary import apply_rotary_pos_emb, cos_sin_at
+
+    model = models[model_type]
+    ids = torch.randint(3, 250, (2, 70), generator=torch.Generator().manual_seed(1))
+    float_cache, cache = DynamicCache(), QuantizedKVCache(bits=4)
+    with torch.no_grad():
+        model(ids, cache=float_cache, use_cache=True)
+        model(ids, cache=cache, use_cache=True)
+    inv_freq = model.get_decoder().rotary_emb.inv_freq[None]
+    for layer, want_layer in zip(cache.layers, float_cache.layers):
+        keys = GroupedKeys(layer.q_key, layer.key_scale, layer.key_zero, layer.key_residual, layer.key_positions)
+        assert layer.key_residual.shape[-2] == 6 and torch.equal(layer.key_positions[0], torch.arange(70).int())
+        got, want = rotated_keys(keys, inv_freq, torch.float32), want_layer.keys
+        torch.testing.assert_close(got[..., 64:, :], want[..., 64:, :], rtol=1e-5, atol=1e-5)
+        # the quantized ones: within half a step of their channel's group range, before the rotary
+        cos, sin = cos_sin_at(layer.key_positions[:, :64], inv_freq)
+        raw_want = apply_rotary_pos_emb(want[..., :64, :], cos, -sin)
+        err = (dequantize_key_groups(layer.q_key, layer.key_scale, layer.key_zero) - raw_want).abs()
+        assert (err <= layer.key_scale / 2 + 1e-5).all()
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_channel_groups_generate_with_left_padding(models, model_type):
+    """generate() with the default 4-bit cache (channel_groups): padding slots get position -1 (left out of the
+    group ranges), the prompt's positions stay those of the float model, and the first new token per row matches
+    the float cache's (the prefill chunk attends to itself in full precision)."""
+    model = models[model_type]
+    ids, mask = _batch()
+    cache = QuantizedKVCache(bits=4)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, cache=cache)
+    assert got.shape == ref.shape and torch.equal(got[:, 10], ref[:, 10])
+    positions = cache.layers[0].key_positions
+    assert positions[0, :3].tolist() == [-1, -1, -1] and positions[0, 3:10].tolist() == list(range(7))
+    assert positions[1, :10].tolist() == list(range(10))
+    assert cache.layers[0].key_layout == "channel_groups" and cache.layers[0].key_residual.shape[-2] == 17
+
+
+def test_channel_groups_decode_matches_the_reference_attention(models, monkeypatch):
+    """Decoding over a channel_groups cache (128 positions in groups, the rest in the residual): the CPU path
+    ("auto": the CPU kernels or blocks) gives the logits of the torch reference that dequantizes and rotates the
+    whole layer, on the same cache contents, batch 3."""
+    import kvcache.native_attention as native
+
+    model = models["qwen3"]
+    ids = torch.randint(3, 250, (3, 140), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for backend in ("auto", "torch"):
+        monkeypatch.setattr(native, "quantized_attention", partial(quantized_attention, backend=backend))
+        cache = QuantizedKVCache(bits=4)
+        with torch.no_grad():
+            model(ids[:, :130], cache=cache, use_cache=True)
+            outs.append(torch.cat([model(ids[:, t:t + 1], cache=cache, use_cache=True).logits
+                                   for t in range(130, 140)], 1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
