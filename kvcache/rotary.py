@@ -3,8 +3,6 @@
 The ``"channel_groups"`` cache stores keys before the rotary and rotates them when they are read, so both sides
 must compute the very same cos/sin: they do, through these functions.
 """
-from collections import OrderedDict
-
 import torch
 
 
@@ -22,34 +20,15 @@ def cos_sin_at(position_ids, inv_freq):
     return emb.cos(), emb.sin()
 
 
-_TABLE_SLOTS = 4
-_tables: "OrderedDict[tuple, tuple]" = OrderedDict()
-
-
-def _table(inv_freq, length):
-    """cos/sin ``[rows, n >= length, dim]`` of positions 0..n-1, kept for the last few ``inv_freq`` (grown by doubling)."""
-    key = (inv_freq.device, inv_freq.dtype, tuple(inv_freq.shape), inv_freq.detach().cpu().numpy().tobytes())
-    cached = _tables.get(key)
-    if cached is None or cached[0].shape[1] < length:
-        n = 1 << max(length - 1, 0).bit_length()
-        positions = torch.arange(n, device=inv_freq.device).expand(inv_freq.shape[0], n)
-        cos, sin = cos_sin_at(positions, inv_freq)
-        cached = (cos[:, 0], sin[:, 0])
-    _tables[key] = cached
-    _tables.move_to_end(key)
-    while len(_tables) > _TABLE_SLOTS:
-        _tables.popitem(last=False)
-    return cached
-
-
 def cached_cos_sin_at(position_ids, inv_freq):
-    """``cos_sin_at`` read from a table of positions kept per ``inv_freq``: the same values, without recomputing
-    the cos/sin of every cached position at every decode step (the pre-RoPE key cache rotates them all)."""
+    """``cos_sin_at`` read from ``cos_sin_table``: the same values, without recomputing the cos/sin of every cached
+    position at every decode step (the pre-RoPE key cache rotates them all)."""
     if position_ids.numel() == 0:
         return cos_sin_at(position_ids, inv_freq)
-    cos, sin = _table(inv_freq, int(position_ids.max()) + 1)
+    cos, sin = cos_sin_table(inv_freq, int(position_ids.max()) + 1)
     rows = torch.arange(position_ids.shape[0], device=position_ids.device)[:, None] if cos.shape[0] > 1 else 0
-    return cos[rows, position_ids.long()][:, None], sin[rows, position_ids.long()][:, None]
+    cos, sin = cos[rows, position_ids.long()], sin[rows, position_ids.long()]
+    return torch.cat((cos, cos), dim=-1)[:, None], torch.cat((sin, sin), dim=-1)[:, None]
 
 
 def apply_rotary_pos_emb(t, cos, sin):
