@@ -13,6 +13,7 @@ reference ``attention_torch`` runs too, to show the size of that noise next to t
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     model = QWenLMHeadModel.from_pretrained(args.model, torch_dtype=torch.float32).eval()
     kernels = cpu_kernels._state[False]
     rows = []
-    defaults, blockwise = chunked.attention_chunked.__defaults__, chunked.attention_chunked
+    blockwise = chunked.attention_chunked
 
     def reference(query, layer_past, attn_mask=None, scale=None, fresh=None, inv_freq=None, chunk=None):
         return attention_torch(query, layer_past, attn_mask, scale, fresh=fresh, inv_freq=inv_freq)
@@ -71,9 +72,11 @@ def main(argv=None) -> int:
         paths = ("kernels", *(f"plain torch, blocks of {b}" for b in blocks), "dequantize reference")
         for path in (paths if bits else ("-",)):
             cpu_kernels._state[False] = kernels if path == "kernels" else None
-            if path.startswith("plain"):  # the chunk size is attention_chunked's last default argument
-                blockwise.__defaults__ = (*defaults[:-1], int(path.rsplit(" ", 1)[1]))
-            if path == "dequantize reference":  # "auto" on CPU without the kernels calls attention_chunked
+            # "auto" on CPU without the kernels calls kvcache.chunked_attention.attention_chunked: pick its block
+            # size, or put the dequantizing reference in its place
+            if path.startswith("plain"):
+                chunked.attention_chunked = functools.partial(blockwise, chunk=int(path.rsplit(" ", 1)[1]))
+            if path == "dequantize reference":
                 chunked.attention_chunked = reference
             make = (lambda: ReservedCache(args.ctx)) if bits is None else (
                 lambda bits=bits: QuantizedKVCache(bits=bits, capacity=args.ctx))
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
                                      progress=True)
             rows.append((name, path, ppl, time.perf_counter() - start))
             print(f"{name} ({path}): {ppl:.4f}", file=sys.stderr, flush=True)
-            blockwise.__defaults__, chunked.attention_chunked = defaults, blockwise
+            chunked.attention_chunked = blockwise
     cpu_kernels._state[False] = kernels
     base = rows[0][2]
     plain = {name: ppl for name, path, ppl, _ in rows if path == f"plain torch, blocks of {blocks[0]}"}
