@@ -158,6 +158,15 @@ def dequantize_cache_torch(qdata, scale, zero, bits=8):
 KEY_GROUP_SIZE = 64
 
 
+def _not_a_tensor(self):
+    raise TypeError("a QuantizedKVCache layer is quantized states, not a tensor: in a transformers model, call "
+                    "kvcache.native_attention.use_quantized_kv_attention(model) first")
+
+
+# what an attention function that expects float key tensors trips over first, with the fix in the message
+NOT_A_TENSOR = property(_not_a_tensor)
+
+
 class GroupedKeys(NamedTuple):
     """A layer's keys in the ``"channel_groups"`` layout (see ``quantize_key_groups``), as the attention reads them.
 
@@ -166,6 +175,7 @@ class GroupedKeys(NamedTuple):
     ``positions`` [b, n * group + r] int32 rotary position of every slot (-1: padding). All keys are pre-RoPE.
     """
 
+    shape = NOT_A_TENSOR
     q_key: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor

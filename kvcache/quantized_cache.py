@@ -25,7 +25,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvcache.cpu_kernels import load_cpu_kernels, quantize_token_cpu
 from kvcache.reserved import append
-from kvcache.quantize_cache import GRANULARITIES, KEY_GROUP_SIZE, GroupedKeys, quantize_cache_v, quantize_key_groups
+from kvcache.quantize_cache import (GRANULARITIES, KEY_GROUP_SIZE, NOT_A_TENSOR, GroupedKeys, quantize_cache_v,
+                                    quantize_key_groups)
 
 _STATE_NAMES = ("q_key", "key_scale", "key_zero", "q_value", "value_scale", "value_zero")
 _GROUP_STATE_NAMES = _STATE_NAMES + ("key_residual", "key_positions")
@@ -60,6 +61,7 @@ class QuantizedStates(tuple):
     precision). The layer keeps no float copy; this one lives as long as the caller holds the return value."""
 
     fresh = None
+    shape = NOT_A_TENSOR
 
 
 class QuantizedKVLayer(DynamicLayer):

@@ -167,3 +167,12 @@ def test_channel_groups_decode_matches_the_reference_attention(models, monkeypat
             outs.append(torch.cat([model(ids[:, t:t + 1], cache=cache, use_cache=True).logits
                                    for t in range(130, 140)], 1))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_cache_without_our_attention_says_what_to_call(tmp_path, bits):
+    """A QuantizedKVCache handed to a native model that still runs SDPA fails with the fix in the message."""
+    model = AutoModelForCausalLM.from_pretrained(create_native_tiny("llama", tmp_path / "m"), dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"use_quantized_kv_attention\(model\)"), torch.no_grad():
+        model.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=2, do_sample=False,
+                       cache=QuantizedKVCache(bits=bits))
