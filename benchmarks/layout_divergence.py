@@ -46,7 +46,8 @@ def main():
     print("| block | max abs diff / max abs | norm diff / norm |")
     print("|---|---|---|")
     for i, (a, b) in enumerate(zip(outs["native"], outs["qwen"])):
-        print(f"| {i} | {((a - b).abs().max() / b.abs().max()).item():.1e} | {((a - b).norm() / b.norm()).item():.1e} |")
+        peak, norm = ((a - b).abs().max() / b.abs().max()).item(), ((a - b).norm() / b.norm()).item()
+        print(f"| {i} | {peak:.1e} | {norm:.1e} |")
 
 
 if __name__ == "__main__":

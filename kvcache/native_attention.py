@@ -45,8 +45,10 @@ class _PreRotaryCache:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         cos, sin = self.cos.float()[:, None], self.sin.float()[:, None]
-        raw = apply_rotary_pos_emb(key_states.float(), cos, -sin) / self.scaling ** 2
-        self.fresh = (key_states / self.scaling, value_states)
+        raw = apply_rotary_pos_emb(key_states.float(), cos, -sin)
+        if self.scaling != 1.0:  # yarn-style rotaries scale cos/sin; most leave them at 1 (no extra copies then)
+            raw, key_states = raw / self.scaling ** 2, key_states / self.scaling
+        self.fresh = (key_states, value_states)
         return self.cache.update(raw.to(key_states.dtype), value_states, layer_idx, {"positions": self.positions})
 
 

@@ -90,7 +90,8 @@ def _dequantized(q, scale, zero, bits, dtype):
 
 def rotated_keys(keys: GroupedKeys, inv_freq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The float keys ``[b, h, kv_len, d]`` of a ``"channel_groups"`` layer: dequantized groups (in float32, then
-    dtype) and the residual, rotated at their stored positions (padding slots, position -1, at position 0: they are masked anyway)."""
+    dtype) and the residual, rotated at their stored positions (padding slots, position -1, at position 0: they are
+    masked anyway)."""
     if inv_freq is None:
         raise ValueError("the channel_groups key layout stores pre-RoPE keys: pass the rotary inv_freq")
     groups = dequantize_key_groups(keys.q_key, keys.scale.float(), keys.zero.float())
