@@ -7,8 +7,16 @@ The peer's figures (GPTQModel 7.6.0, same samples, same protocol) are quoted fro
 reproduces its RTN column in this harness first.
 
     python benchmarks/gptq_quality.py [--model DIR | --native] [--settings int8-g128 int4-g128 int4-g64 int3-g64]
+
+--calib-orders 0 1 2 3 repeats each GPTQ run with the same 128 samples in other (seeded) orders: mathematically the
+same calibration, but every float32 sum over samples runs in another order, so the spread of these runs is the
+solver's float-rounding noise (a figure one layout or thread count gives is only comparable within that spread).
 """
 import argparse
+import json
+import random
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +43,18 @@ SETTINGS = {"int8-g128": (8, 128), "int4-g128": (4, 128), "int4-g64": (4, 64), "
 PEER = {"int8-g128": (36.246, 36.107, 514), "int4-g128": (55.626, 53.458, 548), "int4-g64": (52.553, 49.303, 540),
         "int3-g64": (248.265, 103.976, 546)}
 FLOAT_PPL = 36.003
+CALIB = SHARED / "data" / "calib_c4_smollm2_128x512.json"
+
+
+def calibration_in_order(seed: int, work: Path) -> Path:
+    """The peer's calibration file (seed 0), or its samples shuffled with `seed` into a file under `work`."""
+    if seed == 0:
+        return CALIB
+    samples = json.loads(CALIB.read_text())
+    random.Random(seed).shuffle(samples)
+    path = work / f"calib-order-{seed}.json"
+    path.write_text(json.dumps(samples))
+    return path
 
 
 def wiki_ids(model_dir):
@@ -72,6 +92,8 @@ def main():
     p.add_argument("--rtn-checkpoint", action="store_true",
                    help="also write an RTN checkpoint (float16 scales, as the format stores them) and score it")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--calib-orders", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="run GPTQ once per sample order (0 = the file's order; others shuffle it with that seed)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as work:
@@ -91,21 +113,26 @@ def main():
             if not args.skip_rtn:
                 row["rtn"] = rtn_fake_quant_ppl(model_dir, ids, bits, gs)
                 print(f"{name} rtn (in memory, fp32 scales): ppl {row['rtn']:.3f}", flush=True)
-            methods = ("gptq", "rtn") if args.rtn_checkpoint else ("gptq",)
-            for method in methods:
-                out = Path(work) / f"{name}-{method}"
-                settings = QuantizeSettings(bits=bits, group_size=gs, damp_percent=args.damp, method=method,
+            if args.rtn_checkpoint:
+                out = Path(work) / f"{name}-rtn"
+                settings = QuantizeSettings(bits=bits, group_size=gs, damp_percent=args.damp, method="rtn")
+                quantize_checkpoint(model_dir, out, settings, device="cpu")
+                row["rtn_ckpt"] = ppl(out, ids)
+                print(f"{name} rtn checkpoint: ppl {row['rtn_ckpt']:.3f}", flush=True)
+            row["runs"] = []
+            for seed in args.calib_orders:
+                out = Path(work) / f"{name}-gptq-{seed}"
+                settings = QuantizeSettings(bits=bits, group_size=gs, damp_percent=args.damp, method="gptq",
                                             act_group_aware=not args.no_group_aware,
                                             scale_search=not args.no_scale_search)
                 t0, c0 = time.time(), time.process_time()
-                quantize_checkpoint(model_dir, out, settings,
-                                    calib=str(SHARED / "data" / "calib_c4_smollm2_128x512.json"),
+                quantize_checkpoint(model_dir, out, settings, calib=str(calibration_in_order(seed, Path(work))),
                                     nsamples=128, seqlen=512, device="cpu")
-                key = "gptq" if method == "gptq" else "rtn_ckpt"
-                row[f"{key}_s"], row[f"{key}_cpu"] = time.time() - t0, time.process_time() - c0
-                row[key] = ppl(out, ids)
-                print(f"{name} {method} checkpoint: ppl {row[key]:.3f}, quantized in {row[f'{key}_s']:.0f}s wall, "
-                      f"{row[f'{key}_cpu']:.0f}s CPU", flush=True)
+                wall, cpu = time.time() - t0, time.process_time() - c0
+                row["runs"].append((seed, ppl(out, ids), wall, cpu))
+                shutil.rmtree(out)
+                print(f"{name} gptq checkpoint, calibration order {seed}: ppl {row['runs'][-1][1]:.3f}, "
+                      f"quantized in {wall:.0f}s wall, {cpu:.0f}s CPU", flush=True)
             rows.append(row)
     print(f"\nfloat32 baseline (16 windows): {base:.3f}\n")
     print("| setting | RTN, our harness | RTN, peer file | RTN checkpoint (fp16 scales) | GPTQ (ours, defaults) "
@@ -114,10 +141,17 @@ def main():
     nan = float("nan")
     for r in rows:
         peer_rtn, peer_gptq, peer_s = PEER[r["setting"]]
-        print(f"| {r['setting']} | {r.get('rtn', nan):.3f} | {peer_rtn:.3f} | {r.get('rtn_ckpt', nan):.3f} | "
-              f"{r['gptq']:.3f} | {peer_gptq:.3f} | {(r['gptq'] / peer_gptq - 1) * 100:+.2f}% | "
-              f"{r['gptq_s']:.0f} s / {r['gptq_cpu']:.0f} s | {peer_s} s |")
-
+        for seed, gptq, wall, cpu in r["runs"]:
+            label = f"{r['setting']}" + (f" (order {seed})" if seed else "")
+            print(f"| {label} | {r.get('rtn', nan):.3f} | {peer_rtn:.3f} | {r.get('rtn_ckpt', nan):.3f} | "
+                  f"{gptq:.3f} | {peer_gptq:.3f} | {(gptq / peer_gptq - 1) * 100:+.2f}% | "
+                  f"{wall:.0f} s / {cpu:.0f} s | {peer_s} s |")
+    if len(args.calib_orders) > 1:
+        print("\n| setting | sample orders | GPTQ mean | min | max | spread (max/min - 1) |\n|---|---|---|---|---|---|")
+        for r in rows:
+            values = [run[1] for run in r["runs"]]
+            print(f"| {r['setting']} | {len(values)} | {statistics.mean(values):.3f} | {min(values):.3f} | "
+                  f"{max(values):.3f} | {(max(values) / min(values) - 1) * 100:.2f}% |")
 
 if __name__ == "__main__":
     main()
