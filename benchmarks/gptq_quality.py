@@ -50,10 +50,11 @@ def calibration_in_order(seed: int, work: Path) -> Path:
     """The peer's calibration file (seed 0), or its samples shuffled with `seed` into a file under `work`."""
     if seed == 0:
         return CALIB
-    samples = json.loads(CALIB.read_text())
-    random.Random(seed).shuffle(samples)
     path = work / f"calib-order-{seed}.json"
-    path.write_text(json.dumps(samples))
+    if not path.exists():  # written once, reused by every setting
+        samples = json.loads(CALIB.read_text())
+        random.Random(seed).shuffle(samples)
+        path.write_text(json.dumps(samples))
     return path
 
 
@@ -129,9 +130,10 @@ def main():
                 quantize_checkpoint(model_dir, out, settings, calib=str(calibration_in_order(seed, Path(work))),
                                     nsamples=128, seqlen=512, device="cpu")
                 wall, cpu = time.time() - t0, time.process_time() - c0
-                row["runs"].append((seed, ppl(out, ids), wall, cpu))
+                score = ppl(out, ids)
+                row["runs"].append((seed, score, wall, cpu))
                 shutil.rmtree(out)
-                print(f"{name} gptq checkpoint, calibration order {seed}: ppl {row['runs'][-1][1]:.3f}, "
+                print(f"{name} gptq checkpoint, calibration order {seed}: ppl {score:.3f}, "
                       f"quantized in {wall:.0f}s wall, {cpu:.0f}s CPU", flush=True)
             rows.append(row)
     print(f"\nfloat32 baseline (16 windows): {base:.3f}\n")
@@ -152,6 +154,7 @@ def main():
             values = [run[1] for run in r["runs"]]
             print(f"| {r['setting']} | {len(values)} | {statistics.mean(values):.3f} | {min(values):.3f} | "
                   f"{max(values):.3f} | {(max(values) / min(values) - 1) * 100:.2f}% |")
+
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,8 @@
 layout. The two compute the same function; GPTQ on both gives the very same integer codes and scales (the Qwen
 copy repeats each KV head 3 times and fuses q/k/v, GPTQ treats output rows independently and the Hessians agree),
 so the quality figures measured on the Qwen copy carry over. Then the native checkpoint through this package and
-through transformers' GPTQ path (both dequantizing in float32) generates the same greedy tokens. The quantization runs on the first 2 blocks
-(a config.json cut to 2 layers over the same safetensors) to stay fast."""
+through transformers' GPTQ path (both dequantizing in float32) generates the same greedy tokens. The quantization
+runs on the first 2 blocks (a config.json cut to 2 layers over the same safetensors) to stay fast."""
 import json
 import os
 
