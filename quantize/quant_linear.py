@@ -4,13 +4,12 @@ Buffers are named as in AutoGPTQ/GPTQModel checkpoints (qweight, qzeros, scales,
 `load_state_dict` of a checkpoint fills them. Kernels (`kernel=`, the one in use is logged once per
 kind of layer): "torch" dequantizes into a temporary float weight and calls F.linear (any device, any bit width; the
 reference the others are tested against); "triton" is the fused Triton dequantize-matmul (CUDA, 2/4/8 bits);
-"int4pack" is torch's CPU int4 kernel (quantize.int4pack_cpu, 2/3/4/8 bits, group sizes that are multiples of 32),
-repacked once at the first forward and kept next to the standard buffers, which state_dict still returns.
-"auto" picks Triton on CUDA and int4pack on CPU, and the torch path where neither takes the layer. For inputs of
-PREFILL_ROWS rows or more on CPU (prefill), "auto" takes the "torch_bf16" path instead: the weight dequantized into a
-temporary bfloat16 tensor and a bfloat16 GEMM, the precision of the int4pack kernel, which on a CPU with native
-bfloat16 (AVX512-BF16/AMX, `torch.ops.mkldnn._is_mkldnn_bf16_supported()`) runs ~2.5x faster than the float32 GEMM
-(elsewhere the torch path in the input's dtype).
+"cpu" is this package's CPU kernels (quantize.cpu_gptq, 2/4/8 bits, any group size: float32 results that differ
+from the reference only by the order of sums); "int4pack" is torch's CPU int4 kernel (quantize.int4pack_cpu,
+2/3/4/8 bits, group sizes that are multiples of 32, bfloat16 arithmetic). The CPU kernels prepare their weight once at
+the first forward and keep it next to the standard buffers, which state_dict still returns.
+"auto" picks Triton on CUDA and "cpu" on CPU; for 3 bits, or where the CPU kernels cannot be built, int4pack for
+inputs of fewer than PREFILL_ROWS rows and the torch path (in the input's dtype) for more.
 """
 from __future__ import annotations
 
@@ -20,26 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import int4pack_cpu
+from . import cpu_gptq, int4pack_cpu
 from .pack import (check_checkpoint_format, checkpoint_format_for, dequantize_weight, pack_layer,
                    packed_length, unpack_layer)
 from .quantizer import check_bits, check_group_size, num_groups
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "torch", "triton", "int4pack")
+KERNELS = ("auto", "torch", "triton", "cpu", "int4pack")
 
 try:
     from .triton_dequant_matmul import KERNEL_BITS, dequant_matmul
 except ImportError:  # Triton is an optional extra
     KERNEL_BITS, dequant_matmul = (), None
 
-# From this many input rows on, "auto" on CPU dequantizes into a temporary weight (not kept) and runs a GEMM:
-# measured on the 2-core box at 1024 rows, that beats the int4pack kernel (2x for 8 bits, whose two nibble planes
-# double the kernel's work), while one-token decode is where int4pack wins.
+# Where "auto" falls back to int4pack: from this many input rows on, it dequantizes into a temporary weight (not
+# kept) and runs a GEMM instead; measured on the 2-core box at 1024 rows, that beats the int4pack kernel (2x for 8
+# bits, whose two nibble planes double the kernel's work), while one-token decode is where int4pack wins.
 PREFILL_ROWS = 64
-# Measured on the 2-core AVX512-BF16 box, a 1024 x 576 x 1536 GEMM: float32 14 ms, bfloat16 5.6 ms.
-_NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 _logged = set()
 
@@ -53,8 +50,8 @@ def _log_once(message: str, *args) -> None:
 class QuantLinear(nn.Module):
     """y = x @ W^T + bias with W stored in the GPTQ format (see quantize.pack).
 
-    kernel: "auto" (Triton on CUDA, int4pack on CPU, where they take the layer; else torch), "torch", "triton"
-    or "int4pack" (falls back to torch, logged once, for group sizes the CPU kernel cannot take).
+    kernel: "auto" (Triton on CUDA, "cpu" on CPU, where they take the layer; see the module docstring), "torch",
+    "triton", "cpu" or "int4pack" (falls back to torch, logged once, for group sizes it cannot take).
     """
 
     def __init__(self, bits: int, group_size: int, in_features: int, out_features: int, bias: bool,
@@ -68,13 +65,15 @@ class QuantLinear(nn.Module):
         if kernel == "triton" and bits not in KERNEL_BITS:
             raise ValueError(f"the Triton kernel supports bits {KERNEL_BITS} (Triton installed: "
                              f"{dequant_matmul is not None}), got {bits}")
+        if kernel == "cpu" and not cpu_gptq.supports(bits):
+            raise ValueError(f"the CPU GPTQ kernels support bits {cpu_gptq.BITS}, got {bits}")
         self.bits = bits
         self.group_size = group_size
         self.in_features = in_features
         self.out_features = out_features
         self.checkpoint_format = checkpoint_format
         self.kernel = kernel
-        self._int4pack = None  # the repacked weight, built at the first CPU forward (not in state_dict)
+        self._prepared = {}  # kernel name -> its weight, built at the first CPU forward (not in state_dict)
         n_groups = num_groups(in_features, group_size)
         gs = check_group_size(group_size, in_features)
         self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32))
@@ -120,39 +119,49 @@ class QuantLinear(nn.Module):
                                  self.checkpoint_format, dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._int4pack = None  # new buffers: repack at the next forward
+        self._prepared = {}  # new buffers: prepare again at the next forward
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._int4pack = None  # .to() / .half() / to_empty(): repack from the moved buffers when needed
+        self._prepared = {}  # .to() / .half() / to_empty(): prepare from the moved buffers when needed
         return super()._apply(fn, recurse)
 
     def kernel_for(self, x: torch.Tensor) -> str:
-        """The kernel forward uses for input x: "triton", "int4pack", "torch_bf16" or "torch"."""
+        """The kernel forward uses for input x: "triton", "cpu", "int4pack" or "torch"."""
         floating = x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         if self.kernel == "triton" or (self.kernel == "auto" and dequant_matmul is not None and x.is_cuda
                                        and self.bits in KERNEL_BITS and floating):
             return "triton"
-        if self.kernel in ("auto", "int4pack") and x.device.type == "cpu" and floating:
-            if self.kernel == "auto" and x.numel() >= PREFILL_ROWS * self.in_features:
-                path = "torch_bf16" if _NATIVE_BF16 else "torch"
-                _log_once("QuantLinear: inputs of %d rows or more (prefill) use the %s (dequantize) path, faster "
-                          "there than the int4pack kernel", PREFILL_ROWS, path)
-                return path
-            if int4pack_cpu.supports(self.bits, self.group_size, self.in_features):
-                return "int4pack"
-            _log_once("QuantLinear: the CPU int4pack kernel takes group sizes that are multiples of 32; "
-                      "%d-bit group_size %d layers use the torch (dequantize) path", self.bits, self.group_size)
+        if x.device.type != "cpu" or not floating or self.kernel == "torch":
+            return "torch"
+        if self.kernel in ("auto", "cpu") and cpu_gptq.supports(self.bits):
+            if cpu_gptq.load_kernels() is not None:
+                return "cpu"
+            if self.kernel == "cpu":
+                raise RuntimeError("kernel='cpu': the CPU GPTQ kernels could not be built (see the warning above)")
+        if self.kernel == "auto" and x.numel() >= PREFILL_ROWS * self.in_features:
+            return "torch"
+        if int4pack_cpu.supports(self.bits, self.group_size, self.in_features):
+            return "int4pack"
+        _log_once("QuantLinear: the CPU int4pack kernel takes group sizes that are multiples of 32; "
+                  "%d-bit group_size %d layers use the torch (dequantize) path", self.bits, self.group_size)
         return "torch"
 
     def int4pack_weight(self) -> int4pack_cpu.Int4PackWeight:
-        """The weight repacked for the CPU int4 kernel (built once from the buffers, then cached)."""
-        if self._int4pack is None:
+        """The weight repacked for torch's CPU int4 kernel (built once from the buffers, then cached)."""
+        if "int4pack" not in self._prepared:
             codes, zeros = unpack_layer(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                         self.checkpoint_format)
-            self._int4pack = int4pack_cpu.Int4PackWeight(codes, zeros, self.scales, self.g_idx, self.bits,
-                                                         self.group_size)
-        return self._int4pack
+            self._prepared["int4pack"] = int4pack_cpu.Int4PackWeight(codes, zeros, self.scales, self.g_idx,
+                                                                     self.bits, self.group_size)
+        return self._prepared["int4pack"]
+
+    def cpu_weight(self) -> cpu_gptq.CpuGptqWeight:
+        """The weight prepared for this package's CPU kernels (built once from the buffers, then cached)."""
+        if "cpu" not in self._prepared:
+            self._prepared["cpu"] = cpu_gptq.CpuGptqWeight(self.qweight, self.qzeros, self.scales, self.g_idx,
+                                                           self.bits, self.group_size, self.checkpoint_format)
+        return self._prepared["cpu"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel_for(x)
@@ -160,10 +169,10 @@ class QuantLinear(nn.Module):
         if kernel == "triton":
             y = dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                self.checkpoint_format)
+        elif kernel == "cpu":
+            y = self.cpu_weight().matmul(x)
         elif kernel == "int4pack":
             y = self.int4pack_weight().matmul(x)
-        elif kernel == "torch_bf16":
-            y = F.linear(x.to(torch.bfloat16), self.dequantize_weight(torch.bfloat16)).to(x.dtype)
         else:
             y = F.linear(x, self.dequantize_weight(x.dtype))
         if self.bias is not None:

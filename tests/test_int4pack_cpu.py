@@ -116,14 +116,15 @@ def test_unsupported_group_size_falls_back_logged_once(caplog):
         int4pack_cpu.Int4PackWeight(res.codes, res.zeros, res.scales, res.g_idx, 4, 48)
 
 
-def test_auto_picks_int4pack_on_cpu():
-    res = solved(32, 64, 4, 32, True, False, seed=3)
-    layer = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, None, 4, 32)
+def test_auto_takes_int4pack_for_3_bits_on_cpu():
+    """3-bit codes straddle int32 words, which this package's CPU kernels do not read: "auto" takes int4pack."""
+    res = solved(32, 64, 3, 32, True, False, seed=3)
+    layer = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, None, 3, 32)
     x = torch.randn(1, 64)
     assert layer.kernel == "auto" and layer.kernel_for(x) == "int4pack"
     assert "kernel=auto" in repr(layer)
     layer(x)
-    assert layer._int4pack is not None
+    assert "int4pack" in layer._prepared
 
 
 @pytest.fixture(scope="module", params=[4, 8])
@@ -148,7 +149,7 @@ def test_cli_checkpoint_loads_and_matches_reference(cli_checkpoint, qwen_tokeniz
         got, want = fast(ids).logits, ref(ids).logits
     # the tiny model's random weights amplify bfloat16 rounding through its blocks more than real weights do
     assert (got - want).norm() / want.norm() < 3 * REL_TOL
-    assert layer.kernel_for(ids.float()) == "int4pack" and layer._int4pack is not None
+    assert layer.kernel_for(ids.float()) == "int4pack" and "int4pack" in layer._prepared
     saved = fast.state_dict()
     assert not any("int4pack" in k for k in saved)
     # the fast model keeps the lm_head in the float16 the GPTQ checkpoint declares (quantize.float16_linear)
@@ -157,20 +158,14 @@ def test_cli_checkpoint_loads_and_matches_reference(cli_checkpoint, qwen_tokeniz
 
 
 def test_auto_prefill_rows_take_the_dequantize_path():
-    from quantize.quant_linear import _NATIVE_BF16, PREFILL_ROWS
+    """Where "auto" uses int4pack (3 bits), inputs of PREFILL_ROWS rows or more take the float dequantize path."""
+    from quantize.quant_linear import PREFILL_ROWS
 
-    res = solved(32, 128, 4, 64, False, True, seed=4)
-    auto = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, None, 4, 64)
-    _, ref = pair(res, 4, 64, bias=False)
+    res = solved(32, 128, 3, 64, False, True, seed=4)
+    auto = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, None, 3, 64)
+    _, ref = pair(res, 3, 64, bias=False)
     long, short = torch.randn(1, PREFILL_ROWS, 128), torch.randn(2, PREFILL_ROWS // 2 - 1, 128)
-    assert auto.kernel_for(long) == ("torch_bf16" if _NATIVE_BF16 else "torch")
+    assert auto.kernel_for(long) == "torch"
     assert auto.kernel_for(short) == "int4pack"
-    if _NATIVE_BF16:  # a bfloat16 GEMM on the dequantized weight: exactly that, and close to the reference
-        weight = ref.dequantize_weight(torch.bfloat16)
-        assert torch.equal(auto(long), torch.nn.functional.linear(long.bfloat16(), weight).float())
-        assert_close(auto(long), ref(long))
-    else:
-        assert torch.equal(auto(long), ref(long))
+    assert torch.equal(auto(long), ref(long))
     assert_close(auto(short), ref(short))
-
-

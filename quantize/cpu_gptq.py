@@ -1,0 +1,126 @@
+"""GPTQ layers on CPU through this package's kernels (``cpu_gptq_kernels.cpp``), in float32.
+
+Fewer than GEMV_ROWS input rows (decode): ``gemv`` reads the packed codes where they are stored and converts them in
+registers, so a token reads 0.5 (Int4) or 1 (Int8) byte per weight and no float weight is written. More rows
+(prefill): ``dequantize`` writes the float32 weight in one pass (bfloat16 for bfloat16 activations) and a GEMM
+follows. Both compute (code - zero) * scale exactly, as the dequantize reference does: results differ from it only by
+the order of float32 sums, unlike torch's int4pack kernel, which rounds activations, scales and output to bfloat16.
+
+Layout: the checkpoint's ``qweight`` is used as it is (no copy) when each group is a run of whole int32 words
+(``g_idx == column // group_size``, group_size a multiple of 32 / bits); otherwise (act-order, other group sizes) the
+codes are repacked once into group order, each group padded to whole words, and the input columns are gathered into
+that order: a copy the size of ``qweight``. Bits 2, 4 and 8 (3-bit codes straddle words). The build (gcc, ``-O3
+-march=native``, ~30 s the first time) goes next to the KV-cache kernels (``kvcache.cpp_kernels.kernel_build_dir``) and
+is reused; a failed build logs one warning and yields None, and QuantLinear uses its other CPU paths.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvcache.cpp_kernels import kernel_build_dir
+
+from .pack import pack_rows, unpack_layer
+
+log = logging.getLogger(__name__)
+
+EXTENSION_NAME = "qwen_quant_cpu_gptq_kernels"
+BITS = (2, 4, 8)
+# From this many input rows on, dequantize + GEMM beats the row-by-row kernel (measured on the 2-core box).
+GEMV_ROWS = 16
+_state = {}
+
+
+def load_kernels(portable: bool = False):
+    """Builds (first time on this machine) and imports the extension; the module, or None when unavailable.
+
+    ``portable=True`` builds without ``-march=native``: what a CPU without AVX-512 runs, built here for the tests."""
+    if portable not in _state:
+        name = EXTENSION_NAME + ("_portable" if portable else "")
+        flags = ["-O3", "-fopenmp"] + ([] if portable else ["-march=native"])
+        try:
+            from torch.utils.cpp_extension import load
+
+            build_dir = kernel_build_dir() / name
+            build_dir.mkdir(parents=True, exist_ok=True)
+            log.info("loading the CPU GPTQ kernels (built into %s on first use)", build_dir)
+            _state[portable] = load(name=name, sources=[str(Path(__file__).resolve().parent / "cpu_gptq_kernels.cpp")],
+                                    build_directory=str(build_dir), extra_cflags=flags,
+                                    extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as err:  # noqa: BLE001 -- any build/import failure means "use another path", said once
+            log.warning("CPU GPTQ kernels could not be built or loaded (%s); using the int4pack/dequantize paths", err)
+            _state[portable] = None
+    return _state[portable]
+
+
+def supports(bits: int) -> bool:
+    return bits in BITS
+
+
+class CpuGptqWeight:
+    """A GPTQ layer prepared for the kernels: the packed words (the checkpoint's own where it can), float16 scales and
+    true zero points [groups, out], word offsets of the groups, and the input gather for a repacked layout."""
+
+    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                 bits: int, group_size: int, checkpoint_format: str, kernels=None):
+        if bits not in BITS:
+            raise ValueError(f"the CPU GPTQ kernels take bits {BITS}, got {bits}")
+        self.kernels = kernels or load_kernels()
+        if self.kernels is None:
+            raise RuntimeError("the CPU GPTQ kernels are not available (the build failed; see the warning above)")
+        codes, zeros = unpack_layer(qweight, qzeros, scales, g_idx, bits, checkpoint_format)
+        self.bits, self.in_features, self.out_features = bits, codes.shape[1], codes.shape[0]
+        values = 32 // bits
+        n_groups = scales.shape[0]
+        gs = self.in_features if group_size == -1 else group_size
+        columns = torch.arange(self.in_features)
+        g = g_idx.long()
+        if gs % values == 0 and torch.equal(g, columns // gs):
+            self.words = qweight.contiguous()
+            starts = torch.arange(n_groups) * (gs // values)
+            self.group_words = torch.cat([starts, torch.tensor([self.words.shape[0]])])
+            self.gather = None
+        else:
+            counts = torch.bincount(g, minlength=n_groups)
+            self.group_words = F.pad(torch.cumsum(-(-counts // values), 0), (1, 0))
+            order = torch.argsort(g, stable=True)
+            rank = columns - torch.cumsum(counts, 0)[g[order]] + counts[g[order]]
+            position = self.group_words[g[order]] * values + rank
+            self.gather = torch.full((int(self.group_words[-1]) * values,), self.in_features, dtype=torch.long)
+            self.gather[position] = order
+            laid = torch.zeros(self.gather.numel(), self.out_features, dtype=torch.int32)
+            laid[position] = codes.t()[order]
+            self.words = pack_rows(laid, bits)[:int(self.group_words[-1])].contiguous()
+        self.padded_in = self.words.shape[0] * values
+        self.scales = scales.to(torch.float16).contiguous()
+        self.zeros = zeros.to(torch.float16).contiguous()
+
+    def _inputs(self, x2: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] -> [rows, padded_in] in the words' row order, zero where the words hold padding."""
+        if self.gather is not None:
+            return F.pad(x2, (0, 1))[:, self.gather]
+        return F.pad(x2, (0, self.padded_in - self.in_features)) if self.padded_in != self.in_features else x2
+
+    def dequantize_transposed(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W^T [padded_in, out] in the words' row order (float32 or bfloat16)."""
+        return self.kernels.dequantize(self.words, self.scales, self.zeros, self.group_words, self.bits, dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] (any float dtype, CPU) -> x @ W^T [..., out] in x's dtype."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] < GEMV_ROWS:
+            x2 = self._inputs(x2.to(torch.float32)).contiguous()
+            y = self.kernels.gemv(x2, self.words, self.scales, self.zeros, self.group_words, self.bits)
+        else:
+            dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+            y = torch.mm(self._inputs(x2.to(dtype)), self.dequantize_transposed(dtype))
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def nbytes(self) -> int:
+        """Bytes this object holds beyond the checkpoint's buffers (repacked words, float16 zeros, gather index)."""
+        extra = [self.zeros, self.group_words] + ([] if self.gather is None else [self.words, self.gather])
+        return sum(t.numel() * t.element_size() for t in extra)

@@ -1,0 +1,197 @@
+// CPU kernels that read a GPTQ layer's packed codes as they are stored (qweight int32 [words, N]: each word holds
+// 32 / BITS consecutive input rows of one output column, lowest bits first) and compute in float32:
+//   gemv:       y[m, n] = sum_g s[g, n] * sum_{k in g} x[m, k] (q[k, n] - z[g, n]), for a few rows m (decode);
+//   dequantize: W^T[k, n] = s[g, n] (q[k, n] - z[g, n]) in float32 or bfloat16, for a GEMM (prefill).
+// Groups are runs of whole words (group_words[g] .. group_words[g + 1]); scales and true zero points are float16
+// [G, N]. Codes convert in registers; (q - z) is an exact small integer and s (q - z) is exact in float32, so the
+// results differ from the dequantize reference only by the order of float32 sums. Columns are split into blocks of
+// ranges that run in parallel (at::parallel_for). Built and loaded by quantize/cpu_gptq.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == dim && t.is_contiguous(), name,
+              " must be a contiguous CPU ", c10::toString(dtype), " tensor of ", dim, " dimensions");
+}
+
+// One thread's columns [c0, c1) of y [rows, N] for all rows: the words are read row by row, each row a contiguous
+// run (so the hardware prefetcher streams them), the codes of a word converted once and applied to every row of x.
+// acc holds the rows x (c1 - c0) sums x . codes of the current group; at the group's end y (zeroed) takes
+// s * (acc - z * sum(x over the group)): the zero point is applied once per group instead of once per code.
+template <int BITS>
+void gemv_columns(const float* __restrict__ x, int64_t rows, int64_t x_stride, const uint32_t* __restrict__ words,
+                  int64_t n_total, const at::Half* scales, const at::Half* zeros, const int64_t* group_words,
+                  int64_t n_groups, float* __restrict__ y, int64_t c0, int64_t c1) {
+  constexpr int VALUES = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  const int64_t width = c1 - c0;
+  std::vector<float> acc_store(rows * width), x_sums(rows);
+  float* __restrict__ acc = acc_store.data();
+#if defined(__AVX512F__)
+  alignas(64) float table_values[16];
+  for (int i = 0; i < 16; ++i) table_values[i] = static_cast<float>(i & MASK);
+  const __m512 table = _mm512_load_ps(table_values);  // code -> float by permute: the low 4 bits index it
+  const __m512i mask = _mm512_set1_epi32(MASK);
+#endif
+  for (int64_t g = 0; g < n_groups; ++g) {
+    std::fill(acc, acc + rows * width, 0.f);
+    const int64_t first = group_words[g] * VALUES, last = group_words[g + 1] * VALUES;
+    for (int64_t m = 0; m < rows; ++m) {
+      float total = 0.f;
+      for (int64_t k = first; k < last; ++k) total += x[m * x_stride + k];
+      x_sums[m] = total;
+    }
+    for (int64_t word = group_words[g]; word < group_words[g + 1]; ++word) {
+      const uint32_t* __restrict__ w = words + word * n_total + c0;
+      const float* xk = x + word * VALUES;
+#if defined(__AVX512F__)
+      for (int64_t c = 0; c < width; c += 16) {
+        const __mmask16 live = width - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (width - c)) - 1);
+        const __m512i packed = _mm512_maskz_loadu_epi32(live, w + c);
+        __m512 q[VALUES];
+        for (int j = 0; j < VALUES; ++j) {
+          const __m512i shifted = _mm512_srli_epi32(packed, j * BITS);
+          q[j] = BITS <= 4 ? _mm512_permutexvar_ps(shifted, table)
+                           : _mm512_cvtepi32_ps(_mm512_and_si512(shifted, mask));
+        }
+        for (int64_t m = 0; m < rows; ++m) {
+          float* a = acc + m * width + c;
+          __m512 even = _mm512_maskz_loadu_ps(live, a), odd = _mm512_setzero_ps();
+          for (int j = 0; j < VALUES; j += 2) {
+            even = _mm512_fmadd_ps(_mm512_set1_ps(xk[m * x_stride + j]), q[j], even);
+            odd = _mm512_fmadd_ps(_mm512_set1_ps(xk[m * x_stride + j + 1]), q[j + 1], odd);
+          }
+          _mm512_mask_storeu_ps(a, live, _mm512_add_ps(even, odd));
+        }
+      }
+#else
+      for (int j = 0; j < VALUES; ++j) {
+        for (int64_t m = 0; m < rows; ++m) {
+          const float xv = xk[m * x_stride + j];
+          float* __restrict__ a = acc + m * width;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) a[c] += xv * static_cast<float>((w[c] >> (j * BITS)) & MASK);
+        }
+      }
+#endif
+    }
+    const at::Half* s = scales + g * n_total + c0;
+    const at::Half* z = zeros + g * n_total + c0;
+    for (int64_t m = 0; m < rows; ++m) {
+      float* __restrict__ out = y + m * n_total + c0;
+      const float* __restrict__ a = acc + m * width;
+      const float x_sum = x_sums[m];
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c)
+        out[c] += static_cast<float>(s[c]) * (a[c] - static_cast<float>(z[c]) * x_sum);
+    }
+  }
+}
+
+template <int BITS>
+void gemv_bits(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
+               const at::Tensor& group_words, at::Tensor& y) {
+  const int64_t n_total = words.size(1);
+  const auto* wp = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
+  // Column ranges of at least 256 (a whole number of vectors): one contiguous run per thread and word.
+  at::parallel_for(0, (n_total + 15) / 16, 16, [&](int64_t begin, int64_t end) {
+    gemv_columns<BITS>(x.data_ptr<float>(), x.size(0), x.size(1), wp, n_total, scales.data_ptr<at::Half>(),
+                       zeros.data_ptr<at::Half>(), group_words.data_ptr<int64_t>(), scales.size(0),
+                       y.data_ptr<float>(), begin * 16, std::min(end * 16, n_total));
+  });
+}
+
+void check_layer(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
+                 const at::Tensor& group_words, int64_t bits) {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, got ", bits);
+  check(words, at::kInt, 2, "words");
+  check(scales, at::kHalf, 2, "scales");
+  check(zeros, at::kHalf, 2, "zeros");
+  check(group_words, at::kLong, 1, "group_words");
+  TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.size(1) == words.size(1),
+              "scales and zeros must be [groups, N] with the N of words");
+  TORCH_CHECK(group_words.size(0) == scales.size(0) + 1, "group_words must hold groups + 1 word offsets");
+  const auto* gp = group_words.data_ptr<int64_t>();
+  TORCH_CHECK(gp[0] == 0 && gp[scales.size(0)] == words.size(0), "the groups must tile the words");
+  for (int64_t g = 0; g < scales.size(0); ++g)
+    TORCH_CHECK(gp[g] <= gp[g + 1], "group_words must be non-decreasing");
+}
+
+}  // namespace
+
+// y [rows, N] float32 for x [rows, K] float32, K = 32 / bits * words (zero-padded past the layer's inputs).
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
+                const at::Tensor& group_words, int64_t bits) {
+  check_layer(words, scales, zeros, group_words, bits);
+  check(x, at::kFloat, 2, "x");
+  TORCH_CHECK(x.size(1) == words.size(0) * (32 / bits), "x must have 32 / bits columns per word");
+  at::Tensor y = at::zeros({x.size(0), words.size(1)}, x.options());
+  if (bits == 2) gemv_bits<2>(x, words, scales, zeros, group_words, y);
+  else if (bits == 4) gemv_bits<4>(x, words, scales, zeros, group_words, y);
+  else gemv_bits<8>(x, words, scales, zeros, group_words, y);
+  return y;
+}
+
+template <int BITS, typename T>
+void dequantize_bits(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
+                     const at::Tensor& group_words, at::Tensor& out) {
+  constexpr int VALUES = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  const int64_t n_total = words.size(1), n_groups = scales.size(0);
+  const auto* wp = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
+  const auto* sp = scales.data_ptr<at::Half>();
+  const auto* zp = zeros.data_ptr<at::Half>();
+  const auto* gp = group_words.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(n_total), s(n_total);
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t c = 0; c < n_total; ++c) {
+        z[c] = static_cast<float>(zp[g * n_total + c]);
+        s[c] = static_cast<float>(sp[g * n_total + c]);
+      }
+      for (int64_t word = gp[g]; word < gp[g + 1]; ++word) {
+        const uint32_t* w = wp + word * n_total;
+        for (int j = 0; j < VALUES; ++j) {
+          T* row = op + (word * VALUES + j) * n_total;
+#pragma omp simd
+          for (int64_t c = 0; c < n_total; ++c)
+            row[c] = static_cast<T>(s[c] * (static_cast<float>((w[c] >> (j * BITS)) & MASK) - z[c]));
+        }
+      }
+    }
+  });
+}
+
+// W^T [32 / bits * words, N] in `dtype` (float32 or bfloat16).
+at::Tensor dequantize(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
+                      const at::Tensor& group_words, int64_t bits, at::ScalarType dtype) {
+  check_layer(words, scales, zeros, group_words, bits);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16");
+  at::Tensor out = at::empty({words.size(0) * (32 / bits), words.size(1)}, words.options().dtype(dtype));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    if (bits == 2) dequantize_bits<2, T>(words, scales, zeros, group_words, out);
+    else if (bits == 4) dequantize_bits<4, T>(words, scales, zeros, group_words, out);
+    else dequantize_bits<8, T>(words, scales, zeros, group_words, out);
+  };
+  if (dtype == at::kFloat) run(float());
+  else run(at::BFloat16());
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "x @ W^T for a few rows of float32 x, W read from packed GPTQ words");
+  m.def("dequantize", &dequantize, "W^T from packed GPTQ words, float32 or bfloat16");
+}

@@ -1,0 +1,174 @@
+"""This package's CPU GPTQ kernels (quantize/cpu_gptq_kernels.cpp, -march=native and portable builds) against the
+dequantize reference (kernel="torch").
+
+Tolerance: both compute (code - zero) * scale exactly and sum in float32, so float32 outputs differ only by the
+order of sums: relative error (Frobenius) below 1e-5 and elementwise below 1e-5 of the largest output (measured
+~5e-7). bfloat16/float16 activations: the reference runs its GEMM in that dtype, ours in float32 rounded once at the
+end, so they agree to that dtype's rounding (2e-2 / 2e-3 relative).
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quantize import cpu_gptq
+from quantize.gptq import accumulate_hessian, gptq_quantize
+from quantize.quant_linear import QuantLinear
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["native", "portable"])
+def kernels(request):
+    module = cpu_gptq.load_kernels(portable=request.param)
+    assert module is not None, "the CPU GPTQ kernels must build here (g++ and torch's headers)"
+    return module
+
+
+def solved(out_features, in_features, bits, group_size, sym=True, desc_act=False, seed=0):
+    torch.manual_seed(seed)
+    H, _ = accumulate_hessian(None, 0, torch.randn(256, in_features))
+    return gptq_quantize(torch.randn(out_features, in_features), H, bits, group_size, sym, desc_act=desc_act)
+
+
+def reference(res, bits, group_size, bias=None):
+    return QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, bias, bits, group_size,
+                                      kernel="torch")
+
+
+def assert_close(y, ref, dtype=torch.float32):
+    y, ref = y.float(), ref.float()
+    assert (y - ref).norm() <= TOL[dtype] * ref.norm(), ((y - ref).norm() / ref.norm()).item()
+    assert (y - ref).abs().max() <= TOL[dtype] * ref.abs().max()
+
+
+@pytest.mark.parametrize("bits,group_size,in_features,out_features,sym,desc_act", [
+    (4, 32, 128, 64, True, False),
+    (4, 128, 576, 96, True, False),     # the last group is partial (576 = 4 x 128 + 64)
+    (8, 128, 200, 48, False, False),    # asymmetric (gptq_v2), partial group, in not a multiple of 32
+    (2, 32, 96, 40, True, False),
+    (4, -1, 100, 33, True, False),      # per-channel, odd sizes
+    (4, 20, 100, 32, True, False),      # groups that are not whole words: repacked
+    (4, 64, 256, 64, True, True),       # act-order: repacked, inputs gathered
+    (8, 32, 160, 64, False, True),
+    (2, 48, 144, 16, False, True),
+])
+@pytest.mark.parametrize("rows", [1, 3, cpu_gptq.GEMV_ROWS - 1, cpu_gptq.GEMV_ROWS, 70])
+def test_matches_reference(kernels, bits, group_size, in_features, out_features, sym, desc_act, rows):
+    res = solved(out_features, in_features, bits, group_size, sym, desc_act)
+    ref = reference(res, bits, group_size, bias=torch.randn(out_features))
+    weight = cpu_gptq.CpuGptqWeight(ref.qweight, ref.qzeros, ref.scales, ref.g_idx, bits, group_size,
+                                    ref.checkpoint_format, kernels=kernels)
+    x = torch.randn(rows, in_features)
+    assert_close(weight.matmul(x) + ref.bias.float(), ref(x))
+
+
+def test_dequantize_is_the_reference_weight(kernels):
+    """The dequantized weight is bit-identical to the reference's (both exact in float32); bfloat16 is its rounding."""
+    for desc_act in (False, True):
+        res = solved(64, 200, 4, 32, False, desc_act, seed=1)
+        ref = reference(res, 4, 32)
+        weight = cpu_gptq.CpuGptqWeight(ref.qweight, ref.qzeros, ref.scales, ref.g_idx, 4, 32, ref.checkpoint_format,
+                                        kernels=kernels)
+        want = ref.dequantize_weight(torch.float32).t()  # [in, out]
+        rows = torch.arange(weight.padded_in) if weight.gather is None else weight.gather
+        keep = rows < 200
+        for dtype in (torch.float32, torch.bfloat16):
+            got = weight.dequantize_transposed(dtype)
+            assert got.dtype == dtype and got.shape[0] == weight.padded_in
+            assert torch.equal(got[keep], want[rows[keep]].to(dtype))
+
+
+def test_layout_kept_or_repacked():
+    """Groups of whole words read the checkpoint's qweight in place; act-order and odd group sizes hold one copy."""
+    res = solved(64, 256, 4, 64)
+    ref = reference(res, 4, 64)
+    direct = cpu_gptq.CpuGptqWeight(ref.qweight, ref.qzeros, ref.scales, ref.g_idx, 4, 64, ref.checkpoint_format)
+    assert direct.gather is None and direct.words.data_ptr() == ref.qweight.data_ptr()
+    assert direct.nbytes() < ref.qweight.numel() * 4 // 4  # only float16 zeros and offsets
+    res = solved(64, 256, 4, 64, desc_act=True)
+    ref = reference(res, 4, 64)
+    repacked = cpu_gptq.CpuGptqWeight(ref.qweight, ref.qzeros, ref.scales, ref.g_idx, 4, 64, ref.checkpoint_format)
+    assert repacked.gather is not None and repacked.words.shape == ref.qweight.shape
+    with pytest.raises(ValueError, match="bits"):
+        cpu_gptq.CpuGptqWeight(ref.qweight, ref.qzeros, ref.scales, ref.g_idx, 3, 64, ref.checkpoint_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (3, 40)])
+def test_quant_linear_cpu_kernel(dtype, shape):
+    """QuantLinear(kernel="cpu" and "auto") in every activation dtype, batch > 1, decode and prefill shapes."""
+    res = solved(96, 160, 4, 32, False, True, seed=2)
+    bias = torch.randn(96)
+    ref = reference(res, 4, 32, bias)
+    fast = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, bias, 4, 32, kernel="cpu")
+    auto = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, bias, 4, 32)
+    x = torch.randn(*shape, 160).to(dtype)
+    assert fast.kernel_for(x) == auto.kernel_for(x) == "cpu"
+    y = fast(x)
+    assert y.dtype == dtype and y.shape == (*shape, 96)
+    assert_close(y, ref(x), dtype)
+    assert torch.equal(auto(x), y)
+
+
+def test_edge_inputs():
+    """Zero and constant rows, and non-finite inputs: non-finite exactly where the reference is."""
+    res = solved(64, 128, 8, 32, False, False, seed=5)
+    ref = reference(res, 8, 32)
+    fast = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, None, 8, 32, kernel="cpu")
+    x = torch.stack([torch.zeros(128), torch.full((128,), 3.5), torch.randn(128)])
+    assert torch.equal(fast(x)[0], torch.zeros(64))
+    assert_close(fast(x), ref(x))
+    x[2, 7] = float("nan")
+    x[1, 0] = float("inf")
+    y, want = fast(x), ref(x)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(want))
+    assert not torch.isfinite(y[1:]).any() and torch.equal(y[0], torch.zeros(64))
+
+
+def test_forced_cpu_kernel_refuses_3_bits():
+    with pytest.raises(ValueError, match="CPU GPTQ kernels support bits"):
+        QuantLinear(3, 32, 64, 32, False, kernel="cpu")
+
+
+def test_state_dict_and_reload(tmp_path):
+    """The prepared weight is not in state_dict, and new buffers (load_state_dict, .to()) are prepared again."""
+    res, other = solved(32, 64, 4, 32, seed=6), solved(32, 64, 4, 32, seed=7)
+    fast = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, None, 4, 32, kernel="cpu")
+    x = torch.randn(2, 64)
+    fast(x)
+    assert "cpu" in fast._prepared and set(fast.state_dict()) == {"qweight", "qzeros", "scales", "g_idx"}
+    other_ref = reference(other, 4, 32)
+    fast.load_state_dict(other_ref.state_dict())
+    assert_close(fast(x), other_ref(x))
+    fast.to(torch.float32)
+    assert "cpu" not in fast._prepared
+    assert_close(fast(x), other_ref(x))
+
+
+@pytest.fixture(scope="module", params=[4, 8])
+def cli_checkpoint(request, tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"int{request.param}") / "ckpt"
+    r = subprocess.run([sys.executable, "-m", f"quantize.gptq_int{request.param}", "--model", str(tiny_dir),
+                        "--out", str(out), "--method", "rtn", "--group-size", "32", "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_model_logits_match_reference(cli_checkpoint, qwen_tokenizer):
+    """A whole model through the CPU kernels (prefill, then decode through generate) computes the reference's
+    logits to float32 rounding, and greedy decoding is the same."""
+    from qwen_model.modeling_qwen import QWenLMHeadModel
+
+    fast = QWenLMHeadModel.from_pretrained(cli_checkpoint)
+    ref = QWenLMHeadModel.from_pretrained(cli_checkpoint, gptq_kernel="torch")
+    ids = torch.tensor([qwen_tokenizer("Quantized layers must compute what the reference computes.")["input_ids"]])
+    assert fast.transformer.h[0].mlp.w1.kernel_for(ids[:, :1].float()) == "cpu"
+    fast.lm_head = ref.lm_head  # the float16 head (quantize.float16_linear) is tested on its own
+    with torch.no_grad():
+        got, want = fast(ids).logits, ref(ids).logits
+        assert (got - want).norm() / want.norm() < 1e-5
+        kwargs = dict(max_new_tokens=8, do_sample=False)
+        assert torch.equal(fast.generate(ids, **kwargs), ref.generate(ids, **kwargs))
