@@ -4,8 +4,8 @@
 //   dequantize: W^T[k, n] = s[g, n] (q[k, n] - z[g, n]) in float32 or bfloat16, for a GEMM (prefill).
 // Groups are runs of whole words (group_words[g] .. group_words[g + 1]); scales and true zero points are float16
 // [G, N]. Codes convert in registers; (q - z) is an exact small integer and s (q - z) is exact in float32, so the
-// results differ from the dequantize reference only by the order of float32 sums. Columns are split into blocks of
-// ranges that run in parallel (at::parallel_for). Built and loaded by quantize/cpu_gptq.py.
+// results differ from the dequantize reference only by the order of float32 sums. Threads (at::parallel_for) take
+// contiguous blocks of words (gemv) or whole groups (dequantize). Built and loaded by quantize/cpu_gptq.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -25,18 +25,19 @@ void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* n
               " must be a contiguous CPU ", c10::toString(dtype), " tensor of ", dim, " dimensions");
 }
 
-// One thread's columns [c0, c1) of y [rows, N] for all rows: the words are read row by row, each row a contiguous
-// run (so the hardware prefetcher streams them), the codes of a word converted once and applied to every row of x.
-// acc holds the rows x (c1 - c0) sums x . codes of the current group; at the group's end y (zeroed) takes
-// s * (acc - z * sum(x over the group)): the zero point is applied once per group instead of once per code.
+constexpr int64_t TILE = 512;  // columns whose partial sums stay in L1 while a group's words stream by
+
+// One thread's words [w0, w1) (a contiguous block of memory, so the hardware prefetcher streams it) for all rows of
+// x, adding into y [rows, N]. Within each group, column tiles of TILE: acc holds rows x TILE sums x . codes, the
+// codes of a word converted once and applied to every row; at the end of the group's words y takes
+// s * (acc - z * sum(x over those words' inputs)): the zero point is applied once per group, not once per code.
 template <int BITS>
-void gemv_columns(const float* __restrict__ x, int64_t rows, int64_t x_stride, const uint32_t* __restrict__ words,
-                  int64_t n_total, const at::Half* scales, const at::Half* zeros, const int64_t* group_words,
-                  int64_t n_groups, float* __restrict__ y, int64_t c0, int64_t c1) {
+void gemv_words(const float* __restrict__ x, int64_t rows, int64_t x_stride, const uint32_t* __restrict__ words,
+                int64_t n_total, const at::Half* scales, const at::Half* zeros, const int64_t* group_words,
+                int64_t n_groups, float* __restrict__ y, int64_t w0, int64_t w1) {
   constexpr int VALUES = 32 / BITS;
   constexpr uint32_t MASK = (1u << BITS) - 1;
-  const int64_t width = c1 - c0;
-  std::vector<float> acc_store(rows * width), x_sums(rows);
+  std::vector<float> acc_store(rows * TILE), x_sums(rows);
   float* __restrict__ acc = acc_store.data();
 #if defined(__AVX512F__)
   alignas(64) float table_values[16];
@@ -45,71 +46,80 @@ void gemv_columns(const float* __restrict__ x, int64_t rows, int64_t x_stride, c
   const __m512i mask = _mm512_set1_epi32(MASK);
 #endif
   for (int64_t g = 0; g < n_groups; ++g) {
-    std::fill(acc, acc + rows * width, 0.f);
-    const int64_t first = group_words[g] * VALUES, last = group_words[g + 1] * VALUES;
+    const int64_t first = std::max(w0, group_words[g]), last = std::min(w1, group_words[g + 1]);
+    if (first >= last) continue;
     for (int64_t m = 0; m < rows; ++m) {
       float total = 0.f;
-      for (int64_t k = first; k < last; ++k) total += x[m * x_stride + k];
+      for (int64_t k = first * VALUES; k < last * VALUES; ++k) total += x[m * x_stride + k];
       x_sums[m] = total;
     }
-    for (int64_t word = group_words[g]; word < group_words[g + 1]; ++word) {
-      const uint32_t* __restrict__ w = words + word * n_total + c0;
-      const float* xk = x + word * VALUES;
+    for (int64_t c0 = 0; c0 < n_total; c0 += TILE) {
+      const int64_t width = std::min(TILE, n_total - c0);
+      std::fill(acc, acc + rows * TILE, 0.f);
+      for (int64_t word = first; word < last; ++word) {
+        const uint32_t* __restrict__ w = words + word * n_total + c0;
+        const float* xk = x + word * VALUES;
 #if defined(__AVX512F__)
-      for (int64_t c = 0; c < width; c += 16) {
-        const __mmask16 live = width - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (width - c)) - 1);
-        const __m512i packed = _mm512_maskz_loadu_epi32(live, w + c);
-        __m512 q[VALUES];
-        for (int j = 0; j < VALUES; ++j) {
-          const __m512i shifted = _mm512_srli_epi32(packed, j * BITS);
-          q[j] = BITS <= 4 ? _mm512_permutexvar_ps(shifted, table)
-                           : _mm512_cvtepi32_ps(_mm512_and_si512(shifted, mask));
-        }
-        for (int64_t m = 0; m < rows; ++m) {
-          float* a = acc + m * width + c;
-          __m512 even = _mm512_maskz_loadu_ps(live, a), odd = _mm512_setzero_ps();
-          for (int j = 0; j < VALUES; j += 2) {
-            even = _mm512_fmadd_ps(_mm512_set1_ps(xk[m * x_stride + j]), q[j], even);
-            odd = _mm512_fmadd_ps(_mm512_set1_ps(xk[m * x_stride + j + 1]), q[j + 1], odd);
+        for (int64_t c = 0; c < width; c += 16) {
+          const __mmask16 live = width - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (width - c)) - 1);
+          const __m512i packed = _mm512_maskz_loadu_epi32(live, w + c);
+          __m512 q[VALUES];
+          for (int j = 0; j < VALUES; ++j) {
+            const __m512i shifted = _mm512_srli_epi32(packed, j * BITS);
+            q[j] = BITS <= 4 ? _mm512_permutexvar_ps(shifted, table)
+                             : _mm512_cvtepi32_ps(_mm512_and_si512(shifted, mask));
           }
-          _mm512_mask_storeu_ps(a, live, _mm512_add_ps(even, odd));
+          for (int64_t m = 0; m < rows; ++m) {
+            float* a = acc + m * TILE + c;
+            __m512 even = _mm512_loadu_ps(a), odd = _mm512_setzero_ps();
+            for (int j = 0; j < VALUES; j += 2) {
+              even = _mm512_fmadd_ps(_mm512_set1_ps(xk[m * x_stride + j]), q[j], even);
+              odd = _mm512_fmadd_ps(_mm512_set1_ps(xk[m * x_stride + j + 1]), q[j + 1], odd);
+            }
+            _mm512_storeu_ps(a, _mm512_add_ps(even, odd));
+          }
         }
-      }
 #else
-      for (int j = 0; j < VALUES; ++j) {
-        for (int64_t m = 0; m < rows; ++m) {
-          const float xv = xk[m * x_stride + j];
-          float* __restrict__ a = acc + m * width;
+        for (int j = 0; j < VALUES; ++j) {
+          for (int64_t m = 0; m < rows; ++m) {
+            const float xv = xk[m * x_stride + j];
+            float* __restrict__ a = acc + m * TILE;
 #pragma omp simd
-          for (int64_t c = 0; c < width; ++c) a[c] += xv * static_cast<float>((w[c] >> (j * BITS)) & MASK);
+            for (int64_t c = 0; c < width; ++c) a[c] += xv * static_cast<float>((w[c] >> (j * BITS)) & MASK);
+          }
         }
-      }
 #endif
-    }
-    const at::Half* s = scales + g * n_total + c0;
-    const at::Half* z = zeros + g * n_total + c0;
-    for (int64_t m = 0; m < rows; ++m) {
-      float* __restrict__ out = y + m * n_total + c0;
-      const float* __restrict__ a = acc + m * width;
-      const float x_sum = x_sums[m];
+      }
+      const at::Half* s = scales + g * n_total + c0;
+      const at::Half* z = zeros + g * n_total + c0;
+      for (int64_t m = 0; m < rows; ++m) {
+        float* __restrict__ out = y + m * n_total + c0;
+        const float* __restrict__ a = acc + m * TILE;
+        const float x_sum = x_sums[m];
 #pragma omp simd
-      for (int64_t c = 0; c < width; ++c)
-        out[c] += static_cast<float>(s[c]) * (a[c] - static_cast<float>(z[c]) * x_sum);
+        for (int64_t c = 0; c < width; ++c)
+          out[c] += static_cast<float>(s[c]) * (a[c] - static_cast<float>(z[c]) * x_sum);
+      }
     }
   }
 }
 
+// Threads take contiguous blocks of words (at least 16 each) into their own zeroed partial outputs, summed at the end.
 template <int BITS>
-void gemv_bits(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
-               const at::Tensor& group_words, at::Tensor& y) {
-  const int64_t n_total = words.size(1);
+at::Tensor gemv_bits(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
+                     const at::Tensor& group_words) {
+  const int64_t n_words = words.size(0), n_total = words.size(1);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_words / 16));
+  at::Tensor partial = at::zeros({parts, x.size(0), n_total}, x.options());
   const auto* wp = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
-  // Column ranges of at least 256 (a whole number of vectors): one contiguous run per thread and word.
-  at::parallel_for(0, (n_total + 15) / 16, 16, [&](int64_t begin, int64_t end) {
-    gemv_columns<BITS>(x.data_ptr<float>(), x.size(0), x.size(1), wp, n_total, scales.data_ptr<at::Half>(),
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part)
+      gemv_words<BITS>(x.data_ptr<float>(), x.size(0), x.size(1), wp, n_total, scales.data_ptr<at::Half>(),
                        zeros.data_ptr<at::Half>(), group_words.data_ptr<int64_t>(), scales.size(0),
-                       y.data_ptr<float>(), begin * 16, std::min(end * 16, n_total));
+                       partial.data_ptr<float>() + part * x.size(0) * n_total, n_words * part / parts,
+                       n_words * (part + 1) / parts);
   });
+  return parts == 1 ? partial[0] : partial.sum(0);
 }
 
 void check_layer(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
@@ -136,11 +146,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& words, const at::Tensor& 
   check_layer(words, scales, zeros, group_words, bits);
   check(x, at::kFloat, 2, "x");
   TORCH_CHECK(x.size(1) == words.size(0) * (32 / bits), "x must have 32 / bits columns per word");
-  at::Tensor y = at::zeros({x.size(0), words.size(1)}, x.options());
-  if (bits == 2) gemv_bits<2>(x, words, scales, zeros, group_words, y);
-  else if (bits == 4) gemv_bits<4>(x, words, scales, zeros, group_words, y);
-  else gemv_bits<8>(x, words, scales, zeros, group_words, y);
-  return y;
+  if (bits == 2) return gemv_bits<2>(x, words, scales, zeros, group_words);
+  if (bits == 4) return gemv_bits<4>(x, words, scales, zeros, group_words);
+  return gemv_bits<8>(x, words, scales, zeros, group_words);
 }
 
 template <int BITS, typename T>
