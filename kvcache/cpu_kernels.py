@@ -38,7 +38,7 @@ def load_cpu_kernels(portable: bool = False):
     if portable in _state:
         return _state[portable]
     name = EXTENSION_NAME + ("_portable" if portable else "")
-    flags = ["-O3", "-fopenmp-simd"] + ([] if portable else ["-march=native"])
+    flags = ["-O3", "-fopenmp"] + ([] if portable else ["-march=native"])
     try:
         from torch.utils.cpp_extension import load
 
@@ -46,7 +46,8 @@ def load_cpu_kernels(portable: bool = False):
         build_dir.mkdir(parents=True, exist_ok=True)
         logger.info("loading the CPU KV-cache kernels (built into %s on first use, about a minute)", build_dir)
         _state[portable] = load(name=name, sources=[str(Path(__file__).resolve().parent / "cpu_cache_kernels.cpp")],
-                                build_directory=str(build_dir), extra_cflags=flags, verbose=False)
+                                build_directory=str(build_dir), extra_cflags=flags,
+                                extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # noqa: BLE001 -- any build/import failure means "fall back", reported once
         logger.warning("CPU KV-cache kernels could not be built or loaded (%s); using the plain-torch blocks", err)
         _state[portable] = None
