@@ -1,9 +1,10 @@
 """One-token time of QuantLinear on CPU against float32 F.linear, on Qwen-7B-shaped layers, in one run.
 
 Layers 4096->12288 (c_attn), 4096->4096 (attn c_proj), 4096->11008 (w1/w2), 11008->4096 (mlp c_proj), random
-codes/scales/zeros (speed does not depend on the values), g128, float32 activations, batch 1. Besides our
-QuantLinear (kernel="int4pack": Int4 direct, Int8 as two nibble planes) it times the raw torch candidates that
-QuantLinear could have used, so the choice is measured here: `_weight_int4pack_mm_for_cpu` with float32 and bfloat16
+codes/scales/zeros (speed does not depend on the values), g128, float32 activations, batch 1. It times our
+QuantLinear with kernel="cpu" (this package's float32 GEMV on the packed words, what "auto" takes on CPU) and with
+kernel="int4pack" (torch's CPU int4 kernel in bfloat16: Int4 direct, Int8 as two nibble planes), and the raw torch
+candidates that QuantLinear could have used, so the choice is measured here: `_weight_int4pack_mm_for_cpu` with float32 and bfloat16
 inputs and `_weight_int8pack_mm` (per-channel scales only, so not exact for g128). `_dyn_quant_matmul_4bit` is not
 timed: on this x86 build its matmul refuses every weight `_dyn_quant_pack_4bit_weight` packs ("Expected bias length
 to match output dimension", with or without a bias), and it quantizes activations to int8 (not exact) anyway. Each op runs in interleaved rounds; the median time per call is reported.
@@ -27,14 +28,15 @@ from quantize.quant_linear import QuantLinear  # noqa: E402
 SHAPES = [(4096, 12288), (4096, 4096), (4096, 11008), (11008, 4096)]
 
 
-def random_layer(bits: int, in_features: int, out_features: int, group_size: int, seed: int) -> QuantLinear:
+def random_layer(bits: int, in_features: int, out_features: int, group_size: int, seed: int,
+                 kernel: str) -> QuantLinear:
     g = torch.Generator().manual_seed(seed)
     n_groups = in_features // group_size
     codes = torch.randint(0, 2 ** bits, (out_features, in_features), generator=g)
     scales = torch.rand(n_groups, out_features, generator=g) * 0.01 + 1e-3
     zeros = torch.full((n_groups, out_features), 2 ** (bits - 1))
     g_idx = torch.arange(in_features) // group_size
-    return QuantLinear.from_quantized(codes, scales, zeros, g_idx, None, bits, group_size, kernel="int4pack")
+    return QuantLinear.from_quantized(codes, scales, zeros, g_idx, None, bits, group_size, kernel=kernel)
 
 
 def median_ms(fns: dict, rounds: int, calls: int) -> dict:
@@ -55,16 +57,17 @@ def median_ms(fns: dict, rounds: int, calls: int) -> dict:
 def candidates(in_features: int, out_features: int, group_size: int, seed: int) -> dict:
     x = torch.randn(1, in_features)
     weight = torch.randn(out_features, in_features)
-    int4, int8 = (random_layer(b, in_features, out_features, group_size, seed) for b in (4, 8))
-    int4(x), int8(x)  # repack once
-    packed = int4.int4pack_weight()
+    layers = {(bits, kernel): random_layer(bits, in_features, out_features, group_size, seed, kernel)
+              for bits in (4, 8) for kernel in ("cpu", "int4pack")}
+    for layer in layers.values():
+        layer(x)  # prepare (repack) once
+    packed = layers[4, "int4pack"].int4pack_weight()
     sz32 = packed.scales_zeros.float()
     w8 = torch.randint(-128, 127, (out_features, in_features), dtype=torch.int8)
     s8 = torch.rand(out_features)
     fns = {
         "float32 F.linear": lambda: F.linear(x, weight),
-        "Int4 QuantLinear": lambda: int4(x),
-        "Int8 QuantLinear": lambda: int8(x),
+        **{f"Int{bits} QuantLinear {kernel}": (lambda layer=layer: layer(x)) for (bits, kernel), layer in layers.items()},
         "int4pack_mm fp32 in": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.weight, packed.group,
                                                                                   sz32),
         "int8pack_mm bf16 per-channel": lambda: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w8, s8.bfloat16()),
