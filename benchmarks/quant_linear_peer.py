@@ -4,7 +4,7 @@ in one run (2 threads, a --context-token prompt, batch 1, greedy).
 The checkpoint is a Llama-layout SmolLM2-135M (benchmarks/smollm2_llama.py) quantized by our CLI
 (`python -m quantize.gptq_int4 --model LLAMA_DIR --method rtn --group-size 64`; GPTQModel's CPU int4 kernel refuses
 g128 on K=576). Rows, all through the same timing loop on transformers' LlamaForCausalLM (only the linear layers
-differ): the float32 model; ours (quantize.native_checkpoint.load_native_quantized, kernel="auto" -> int4pack);
+differ): the float32 model; ours (quantize.native_checkpoint.load_native_quantized, kernel="auto" -> "cpu");
 GPTQModel 7.6.0 `GPTQModel.load(..., backend="torch_fused")`. Seeded random prompt ids; one warm-up generation per
 row first; rows repeat --rounds times interleaved and the best round is reported.
 

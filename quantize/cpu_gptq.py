@@ -11,7 +11,8 @@ Layout: the checkpoint's ``qweight`` is used as it is (no copy) when each group 
 codes are repacked once into group order, each group padded to whole words, and the input columns are gathered into
 that order: a copy the size of ``qweight``. Bits 2, 4 and 8 (3-bit codes straddle words). The build (gcc, ``-O3
 -march=native``, ~30 s the first time) goes next to the KV-cache kernels (``kvcache.cpp_kernels.kernel_build_dir``) and
-is reused; a failed build logs one warning and yields None, and QuantLinear uses its other CPU paths.
+is reused; a failed build logs one warning and yields None, and QuantLinear uses its other CPU paths. The same
+extension holds ``half_linear``, the float16 layer a GPTQ checkpoint keeps (its lm_head, quantize.float16_linear).
 """
 from __future__ import annotations
 
@@ -54,6 +55,13 @@ def load_kernels(portable: bool = False):
             log.warning("CPU GPTQ kernels could not be built or loaded (%s); using the int4pack/dequantize paths", err)
             _state[portable] = None
     return _state[portable]
+
+
+def fast_kernels():
+    """The extension where it was built with its AVX-512 code (what was measured to beat torch's kernels), else None:
+    "auto" paths use this; an explicit kernel="cpu" runs the portable loops anywhere."""
+    kernels = load_kernels()
+    return kernels if kernels is not None and kernels.vectorized else None
 
 
 def supports(bits: int) -> bool:

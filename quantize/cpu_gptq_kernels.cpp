@@ -207,7 +207,52 @@ at::Tensor dequantize(const at::Tensor& words, const at::Tensor& scales, const a
   return out;
 }
 
+// x[0:K] . w[0:K] for float32 x and float16 w, in float32 (w converted in registers, four partial sums).
+inline float dot_half(const float* __restrict__ x, const at::Half* __restrict__ w, int64_t k_total) {
+  int64_t k = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (; k + 64 <= k_total; k += 64)
+    for (int i = 0; i < 4; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16 * i),
+                               _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16 * i))),
+                               acc[i]);
+  for (; k + 16 <= k_total; k += 16)
+    acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k),
+                             _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k))), acc[0]);
+  total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+#endif
+  for (; k < k_total; ++k) total += x[k] * static_cast<float>(w[k]);
+  return total;
+}
+
+// y [rows, N] float32 = x [rows, K] float32 @ w^T for a float16 weight w [N, K] (nn.Linear's layout): the float16
+// layer a GPTQ checkpoint keeps (its lm_head), read at 2 bytes per weight with float32 products and sums. Threads
+// take contiguous blocks of w's rows.
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& w) {
+  check(x, at::kFloat, 2, "x");
+  check(w, at::kHalf, 2, "w");
+  TORCH_CHECK(x.size(1) == w.size(1), "x and w must have the same number of columns");
+  const int64_t rows = x.size(0), n_total = w.size(0), k_total = w.size(1);
+  at::Tensor y = at::empty({rows, n_total}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const at::Half* wp = w.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n_total, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < rows; ++m) yp[m * n_total + n] = dot_half(xp + m * k_total, wp + n * k_total, k_total);
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x @ W^T for a few rows of float32 x, W read from packed GPTQ words");
   m.def("dequantize", &dequantize, "W^T from packed GPTQ words, float32 or bfloat16");
+  m.def("half_linear", &half_linear, "x @ w^T for float32 x and a float16 weight, in float32");
+#if defined(__AVX512F__)
+  m.attr("vectorized") = true;
+#else
+  m.attr("vectorized") = false;
+#endif
 }

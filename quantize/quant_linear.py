@@ -8,8 +8,9 @@ reference the others are tested against); "triton" is the fused Triton dequantiz
 from the reference only by the order of sums); "int4pack" is torch's CPU int4 kernel (quantize.int4pack_cpu,
 2/3/4/8 bits, group sizes that are multiples of 32, bfloat16 arithmetic). The CPU kernels prepare their weight once at
 the first forward and keep it next to the standard buffers, which state_dict still returns.
-"auto" picks Triton on CUDA and "cpu" on CPU; for 3 bits, or where the CPU kernels cannot be built, int4pack for
-inputs of fewer than PREFILL_ROWS rows and the torch path (in the input's dtype) for more.
+"auto" picks Triton on CUDA and "cpu" on CPU; for 3 bits, or where the CPU kernels cannot be built or lack their
+AVX-512 code (`cpu_gptq.fast_kernels`), int4pack for inputs of fewer than PREFILL_ROWS rows and the torch path (in the
+input's dtype) for more.
 """
 from __future__ import annotations
 
@@ -134,11 +135,12 @@ class QuantLinear(nn.Module):
             return "triton"
         if x.device.type != "cpu" or not floating or self.kernel == "torch":
             return "torch"
-        if self.kernel in ("auto", "cpu") and cpu_gptq.supports(self.bits):
-            if cpu_gptq.load_kernels() is not None:
-                return "cpu"
-            if self.kernel == "cpu":
+        if self.kernel == "cpu":
+            if cpu_gptq.load_kernels() is None:
                 raise RuntimeError("kernel='cpu': the CPU GPTQ kernels could not be built (see the warning above)")
+            return "cpu"
+        if self.kernel == "auto" and cpu_gptq.supports(self.bits) and cpu_gptq.fast_kernels() is not None:
+            return "cpu"
         if self.kernel == "auto" and x.numel() >= PREFILL_ROWS * self.in_features:
             return "torch"
         if int4pack_cpu.supports(self.bits, self.group_size, self.in_features):

@@ -17,6 +17,7 @@ from quantize.gptq import accumulate_hessian, gptq_quantize
 from quantize.quant_linear import QuantLinear
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+AVX512 = " avx512f " in open("/proc/cpuinfo").read().replace("\n", " ")
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["native", "portable"])
@@ -99,6 +100,8 @@ def test_layout_kept_or_repacked():
 @pytest.mark.parametrize("shape", [(1, 1), (2, 5), (3, 40)])
 def test_quant_linear_cpu_kernel(dtype, shape):
     """QuantLinear(kernel="cpu" and "auto") in every activation dtype, batch > 1, decode and prefill shapes."""
+    if not AVX512:
+        pytest.skip("auto takes the CPU kernels only where they are built with AVX-512")
     res = solved(96, 160, 4, 32, False, True, seed=2)
     bias = torch.randn(96)
     ref = reference(res, 4, 32, bias)
@@ -125,6 +128,26 @@ def test_edge_inputs():
     y, want = fast(x), ref(x)
     assert torch.equal(torch.isfinite(y), torch.isfinite(want))
     assert not torch.isfinite(y[1:]).any() and torch.equal(y[0], torch.zeros(64))
+
+
+@pytest.mark.parametrize("rows,k", [(1, 576), (3, 100), (5, 16), (2, 7)])
+def test_half_linear(kernels, rows, k):
+    """float16 weight [N, K] times float32 rows, in float32: vector body, 16-wide and scalar tails."""
+    g = torch.Generator().manual_seed(k)
+    w = (torch.randn(70, k, generator=g) * 0.1).half()
+    x = torch.randn(rows, k, generator=g)
+    want = x.double() @ w.double().t()
+    y = kernels.half_linear(x, w)
+    assert y.dtype == torch.float32 and y.shape == (rows, 70)
+    assert (y.double() - want).norm() <= 1e-6 * want.norm()
+    with pytest.raises(RuntimeError, match="same number of columns"):
+        kernels.half_linear(x, w[:, :-1].contiguous())
+
+
+def test_vectorized_build_where_the_cpu_has_avx512():
+    """On an AVX-512 CPU (this box, CI) "auto" takes the kernels; the portable build says it is not vectorized."""
+    assert not cpu_gptq.load_kernels(portable=True).vectorized
+    assert (cpu_gptq.fast_kernels() is not None) == AVX512
 
 
 def test_forced_cpu_kernel_refuses_3_bits():
@@ -162,7 +185,7 @@ def test_model_logits_match_reference(cli_checkpoint, qwen_tokenizer):
     logits to float32 rounding, and greedy decoding is the same."""
     from qwen_model.modeling_qwen import QWenLMHeadModel
 
-    fast = QWenLMHeadModel.from_pretrained(cli_checkpoint)
+    fast = QWenLMHeadModel.from_pretrained(cli_checkpoint, gptq_kernel="cpu")
     ref = QWenLMHeadModel.from_pretrained(cli_checkpoint, gptq_kernel="torch")
     ids = torch.tensor([qwen_tokenizer("Quantized layers must compute what the reference computes.")["input_ids"]])
     assert fast.transformer.h[0].mlp.w1.kernel_for(ids[:, :1].float()) == "cpu"
