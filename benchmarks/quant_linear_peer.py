@@ -4,8 +4,9 @@ in one run (2 threads, a --context-token prompt, batch 1, greedy).
 The checkpoint is a Llama-layout SmolLM2-135M (benchmarks/smollm2_llama.py) quantized by our CLI
 (`python -m quantize.gptq_int4 --model LLAMA_DIR --method rtn --group-size 64`; GPTQModel's CPU int4 kernel refuses
 g128 on K=576). Rows, all through the same timing loop on transformers' LlamaForCausalLM (only the linear layers
-differ): the float32 model; ours (quantize.native_checkpoint.load_native_quantized, kernel="auto" -> "cpu");
-GPTQModel 7.6.0 `GPTQModel.load(..., backend="torch_fused")`. Seeded random prompt ids; one warm-up generation per
+differ): the float32 model; ours (quantize.native_checkpoint.load_native_quantized, kernel="auto" -> "cpu") with
+float32 float parts, and with bfloat16 ones (embedding, norms, lm_head, activations and the KV cache: the dtype the
+peer runs in); GPTQModel 7.6.0 `GPTQModel.load(..., backend="torch_fused", dtype=torch.bfloat16)`. Seeded random prompt ids; one warm-up generation per
 row first; rows repeat --rounds times interleaved and the best round is reported.
 
     flock /tmp/bench.lock python benchmarks/quant_linear_peer.py --float LLAMA_DIR --int4 INT4_G64_DIR --threads 2
@@ -65,13 +66,14 @@ def load_rows(float_dir: str, int4_dir: str) -> dict:
     from quantize.native_checkpoint import load_native_quantized
 
     rows = {"float32": AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval(),
-            "ours int4 (int4pack)": load_native_quantized(int4_dir, kernel="auto")}
+            "ours int4 (float32 model)": load_native_quantized(int4_dir, kernel="auto"),
+            "ours int4 (bfloat16 model)": load_native_quantized(int4_dir, dtype=torch.bfloat16, kernel="auto")}
     from gptqmodel import GPTQModel
 
     with tempfile.TemporaryDirectory() as tmp:
         peer = GPTQModel.load(peer_view(int4_dir, Path(tmp) / "ckpt"), device="cpu", backend="torch_fused",
                               dtype=torch.bfloat16)
-    rows["GPTQModel TORCH_FUSED int4"] = peer.model.eval()
+    rows["GPTQModel TORCH_FUSED int4 (bfloat16 model)"] = peer.model.eval()
     return rows
 
 
