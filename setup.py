@@ -13,6 +13,7 @@ setup(
     packages=["qwen_model", "quantize", "kvcache", "calib_data"],
     package_data={
         "kvcache": ["*.cu", "*.cpp"],
+        "quantize": ["*.cpp"],
         "calib_data": ["*.json", "*.txt"],
     },
     install_requires=[

@@ -3,15 +3,15 @@
 //   gemv:       y[m, n] = sum_g s[g, n] * sum_{k in g} x[m, k] (q[k, n] - z[g, n]), for a few rows m (decode);
 //   dequantize: W^T[k, n] = s[g, n] (q[k, n] - z[g, n]) in float32 or bfloat16, for a GEMM (prefill).
 // Groups are runs of whole words (group_words[g] .. group_words[g + 1]); scales and true zero points are float16
-// [G, N]. Codes convert in registers; (q - z) is an exact small integer and s (q - z) is exact in float32, so the
-// results differ from the dequantize reference only by the order of float32 sums. Threads (at::parallel_for) take
-// contiguous blocks of words (gemv) or whole groups (dequantize). Built and loaded by quantize/cpu_gptq.py.
+// [G, N]. Codes convert in registers. dequantize computes s (q - z) exactly in float32 (an exact small integer times
+// a float16), the reference's weight bit for bit; gemv sums x . q per group in float32 and applies s and z once per
+// group, so both differ from the dequantize reference only by float32 rounding of sums. Threads (at::parallel_for)
+// take contiguous blocks of words (gemv) or whole groups (dequantize). Built and loaded by quantize/cpu_gptq.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__)

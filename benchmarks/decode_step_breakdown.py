@@ -1,0 +1,80 @@
+"""Where a decode step's time goes, per checkpoint: the decoder blocks' linear layers, the lm_head, and the rest
+(attention over the cache, norms, rotary, Python), in one process, to say what bounds the quantized/float ratio.
+
+Each checkpoint (float or GPTQ, Qwen v1 layout) gets a --context-token random prompt in a reserved float cache (as
+`generate()` uses), 3 untimed decode steps, then --steps timed ones; the linear layers and the lm_head are timed by
+wrapping their forward (wall time, so thread pools and Python in them count).
+
+    python benchmarks/decode_step_breakdown.py FLOAT32_DIR INT8_DIR INT4_DIR --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kvcache.reserved import ReservedCache  # noqa: E402
+from qwen_model.modeling_qwen import QWenLMHeadModel  # noqa: E402
+
+
+def timed(module, totals: dict, key: str) -> None:
+    forward = module.forward
+
+    def wrapped(*args, **kwargs):
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        totals[key] += time.perf_counter() - start
+        return out
+
+    module.forward = wrapped
+
+
+def breakdown(path: str, context: int, steps: int) -> dict:
+    model = QWenLMHeadModel.from_pretrained(path).eval()
+    totals = {"block linears": 0.0, "lm_head": 0.0}
+    for name, module in model.named_modules():
+        if name.startswith("transformer.h.") and type(module).__name__ in ("Linear", "QuantLinear"):
+            timed(module, totals, "block linears")
+    timed(model.lm_head, totals, "lm_head")
+    ids = torch.randint(100, model.config.vocab_size - 100, (1, context), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids, past_key_values=ReservedCache(context + steps + 8, model.config), use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(3):
+            cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+        totals.update({k: 0.0 for k in totals})
+        start = time.perf_counter()
+        for _ in range(steps):
+            cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+        step = (time.perf_counter() - start) / steps * 1e3
+    parts = {k: v / steps * 1e3 for k, v in totals.items()}
+    return {"step": step, **parts, "rest": step - sum(parts.values())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", help="checkpoint directories, the first is the baseline")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [(path, breakdown(path, args.context, args.steps)) for path in args.models]
+    base = rows[0][1]
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.context}-token context, batch 1, "
+          f"mean ms per decode step over {args.steps} steps")
+    print("| checkpoint | step ms | block linears ms | lm_head ms | rest ms | step vs first | linears vs first |")
+    print("|---|---|---|---|---|---|---|")
+    for path, r in rows:
+        print(f"| {path} | {r['step']:.2f} | {r['block linears']:.2f} | {r['lm_head']:.2f} | {r['rest']:.2f} | "
+              f"{base['step'] / r['step']:.2f}x | {base['block linears'] / r['block linears']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
