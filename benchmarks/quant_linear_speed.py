@@ -8,8 +8,10 @@ candidates that QuantLinear could have used, so the choice is measured here: `_w
 inputs and `_weight_int8pack_mm` (per-channel scales only, so not exact for g128). `_dyn_quant_matmul_4bit` is not
 timed: on this x86 build its matmul refuses every weight `_dyn_quant_pack_4bit_weight` packs ("Expected bias length
 to match output dimension", with or without a bias), and it quantizes activations to int8 (not exact) anyway. Each op runs in interleaved rounds; the median time per call is reported.
+With --rows N > 1 (batched decode, prefill) only float32 F.linear and kernel="cpu" are timed.
 
     flock /tmp/bench.lock python benchmarks/quant_linear_speed.py --threads 2
+    flock /tmp/bench.lock python benchmarks/quant_linear_speed.py --threads 2 --rows 512 --rounds 3 --calls 2
 """
 from __future__ import annotations
 
@@ -54,24 +56,25 @@ def median_ms(fns: dict, rounds: int, calls: int) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def candidates(in_features: int, out_features: int, group_size: int, seed: int) -> dict:
-    x = torch.randn(1, in_features)
+def candidates(in_features: int, out_features: int, group_size: int, seed: int, rows: int) -> dict:
+    x = torch.randn(rows, in_features)
     weight = torch.randn(out_features, in_features)
+    kernels = ("cpu", "int4pack") if rows == 1 else ("cpu",)
     layers = {(bits, kernel): random_layer(bits, in_features, out_features, group_size, seed, kernel)
-              for bits in (4, 8) for kernel in ("cpu", "int4pack")}
+              for bits in (4, 8) for kernel in kernels}
     for layer in layers.values():
         layer(x)  # prepare (repack) once
+    fns = {"float32 F.linear": lambda: F.linear(x, weight),
+           **{f"Int{bits} QuantLinear {kernel}": (lambda layer=layer: layer(x)) for (bits, kernel), layer in layers.items()}}
+    if rows > 1:
+        return fns
     packed = layers[4, "int4pack"].int4pack_weight()
     sz32 = packed.scales_zeros.float()
     w8 = torch.randint(-128, 127, (out_features, in_features), dtype=torch.int8)
     s8 = torch.rand(out_features)
-    fns = {
-        "float32 F.linear": lambda: F.linear(x, weight),
-        **{f"Int{bits} QuantLinear {kernel}": (lambda layer=layer: layer(x)) for (bits, kernel), layer in layers.items()},
-        "int4pack_mm fp32 in": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.weight, packed.group,
-                                                                                  sz32),
-        "int8pack_mm bf16 per-channel": lambda: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w8, s8.bfloat16()),
-    }
+    fns["int4pack_mm fp32 in"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.weight, packed.group,
+                                                                                    sz32)
+    fns["int8pack_mm bf16 per-channel"] = lambda: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), w8, s8.bfloat16())
     return fns
 
 
@@ -81,13 +84,15 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--rows", type=int, default=1, help="input rows per call (default 1: one decoded token)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, g{args.group_size}, float32 activations, batch 1; "
+    print(f"torch {torch.__version__}, {args.threads} threads, g{args.group_size}, float32 activations, {args.rows} "
+          "row(s); "
           "median ms per call (ratio = float32 time / this time)")
     totals: dict[str, float] = {}
     for i, (k, n) in enumerate(SHAPES):
-        res = median_ms(candidates(k, n, args.group_size, seed=i), args.rounds, args.calls)
+        res = median_ms(candidates(k, n, args.group_size, seed=i, rows=args.rows), args.rounds, args.calls)
         base = res["float32 F.linear"]
         cells = ", ".join(f"{name} {ms:.3f} ms ({base / ms:.2f}x)" for name, ms in res.items())
         print(f"{k}->{n}: {cells}", flush=True)

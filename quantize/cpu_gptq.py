@@ -2,8 +2,8 @@
 
 Fewer than GEMV_ROWS input rows (decode): ``gemv`` reads the packed codes where they are stored and converts them in
 registers, so a token reads 0.5 (Int4) or 1 (Int8) byte per weight and no float weight is written. More rows
-(prefill): ``dequantize`` writes the float32 weight in one pass (bfloat16 for bfloat16 activations) and a GEMM
-follows. The dequantized weight is the reference's bit for bit ((code - zero) * scale is exact in float32), and the
+(prefill): ``dequantize`` writes the float32 weight in one pass (bfloat16 for bfloat16 activations), in chunks of
+whole groups, each followed by its GEMM. The dequantized weight is the reference's bit for bit ((code - zero) * scale is exact in float32), and the
 GEMV sums x . code per group in float32, applying scale and zero once per group: results differ from the dequantize
 reference only by float32 rounding of sums (~5e-7 relative), where torch's int4pack kernel rounds activations,
 scales and output to bfloat16 (~1e-2).
@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "qwen_quant_cpu_gptq_kernels"
 BITS = (2, 4, 8)
-# From this many input rows on, dequantize + GEMM beats the row-by-row kernel (measured on the 2-core box).
-GEMV_ROWS = 16
+# From this many input rows on, dequantize + GEMM beats the row-by-row kernel. Measured on the 2-core Intel box, ms
+# GEMV / dequantize+GEMM at 16, 20, 24, 28 rows: 576 -> 1536 Int4 0.26/0.33, 0.31/0.30, 0.46/0.32, 0.43/0.34;
+# 4096 -> 12288 Int4 11.0/57.4, 15.1/30.0, 19.6/36.0, 29.4/37.1, Int8 13.4/33.4, 17.6/36.0, 29.9/36.7, 55.6/40.7.
+GEMV_ROWS = 24
+# Prefill dequantizes at most this many bytes of weight at a time (whole groups), one GEMM per chunk: a 7B layer's
+# float32 weight (200 MB for 4096 x 12288) written in one piece costs more in fresh pages than the GEMM itself
+# (512 rows: 216 ms in one piece, 165-171 ms in chunks of 16-24 MiB, float32 F.linear 150-160 ms). Chunks stay under
+# glibc's largest mmap threshold (32 MiB), so their memory is reused rather than mapped afresh.
+CHUNK_BYTES = 24 << 20
 _state = {}
 
 
@@ -107,6 +114,13 @@ class CpuGptqWeight:
         self.padded_in = self.words.shape[0] * values
         self.scales = scales.to(torch.float16).contiguous()
         self.zeros = zeros.to(torch.float16).contiguous()
+        self.chunks, first = [], 0  # group ranges of at most CHUNK_BYTES of float32 weight (or one group)
+        for g in range(n_groups):
+            if (self.group_words[g + 1] - self.group_words[first]) * values * self.out_features * 4 > CHUNK_BYTES \
+                    and g > first:
+                self.chunks.append((first, g))
+                first = g
+        self.chunks.append((first, n_groups))
 
     def _inputs(self, x2: torch.Tensor) -> torch.Tensor:
         """x [rows, in] -> [rows, padded_in] in the words' row order, zero where the words hold padding."""
@@ -114,9 +128,13 @@ class CpuGptqWeight:
             return F.pad(x2, (0, 1))[:, self.gather]
         return F.pad(x2, (0, self.padded_in - self.in_features)) if self.padded_in != self.in_features else x2
 
-    def dequantize_transposed(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W^T [padded_in, out] in the words' row order (float32 or bfloat16)."""
-        return self.kernels.dequantize(self.words, self.scales, self.zeros, self.group_words, self.bits, dtype)
+    def dequantize_transposed(self, dtype: torch.dtype = torch.float32, groups: tuple[int, int] | None = None
+                              ) -> torch.Tensor:
+        """W^T [rows, out] in the words' row order (float32 or bfloat16): all of it, or the rows of groups [g0, g1)."""
+        g0, g1 = groups or (0, self.scales.shape[0])
+        w0, w1 = int(self.group_words[g0]), int(self.group_words[g1])
+        return self.kernels.dequantize(self.words[w0:w1], self.scales[g0:g1], self.zeros[g0:g1],
+                                       self.group_words[g0:g1 + 1] - w0, self.bits, dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] (any float dtype, CPU) -> x @ W^T [..., out] in x's dtype."""
@@ -125,9 +143,18 @@ class CpuGptqWeight:
         if x2.shape[0] < GEMV_ROWS:
             x2 = self._inputs(x2.to(torch.float32)).contiguous()
             y = self.kernels.gemv(x2, self.words, self.scales, self.zeros, self.group_words, self.bits)
-        else:
+        else:  # one GEMM per chunk of groups, summed in float32
             dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-            y = torch.mm(self._inputs(x2.to(dtype)), self.dequantize_transposed(dtype))
+            x2, values, y = self._inputs(x2.to(dtype)), 32 // self.bits, None
+            for g0, g1 in self.chunks:
+                k0, k1 = int(self.group_words[g0]) * values, int(self.group_words[g1]) * values
+                xs, wt = x2[:, k0:k1], self.dequantize_transposed(dtype, (g0, g1))
+                if y is None:
+                    y = torch.mm(xs, wt).float()
+                elif dtype == torch.float32:
+                    y.addmm_(xs, wt)
+                else:
+                    y.add_(torch.mm(xs, wt))
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def nbytes(self) -> int:

@@ -65,6 +65,22 @@ def test_matches_reference(kernels, bits, group_size, in_features, out_features,
     assert_close(weight.matmul(x) + ref.bias.float(), ref(x))
 
 
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_in_chunks_of_groups(kernels, monkeypatch, desc_act, dtype):
+    """Prefill dequantizes a chunk of whole groups at a time (CHUNK_BYTES) and sums one GEMM per chunk."""
+    monkeypatch.setattr(cpu_gptq, "CHUNK_BYTES", 64 * 48 * 4)  # two 32-column groups of a 48-output layer
+    res = solved(48, 200, 4, 32, False, desc_act, seed=8)
+    ref = reference(res, 4, 32)
+    weight = cpu_gptq.CpuGptqWeight(ref.qweight, ref.qzeros, ref.scales, ref.g_idx, 4, 32, ref.checkpoint_format,
+                                    kernels=kernels)
+    assert weight.chunks == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    x = torch.randn(2, cpu_gptq.GEMV_ROWS, 200).to(dtype)
+    y = weight.matmul(x)
+    assert y.dtype == dtype
+    assert_close(y, ref(x), dtype)
+
+
 def test_dequantize_is_the_reference_weight(kernels):
     """The dequantized weight is bit-identical to the reference's (both exact in float32); bfloat16 is its rounding."""
     for desc_act in (False, True):
