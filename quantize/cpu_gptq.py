@@ -140,9 +140,12 @@ class CpuGptqWeight:
         """x [..., in] (any float dtype, CPU) -> x @ W^T [..., out] in x's dtype."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] < GEMV_ROWS:
-            x2 = self._inputs(x2.to(torch.float32)).contiguous()
-            y = self.kernels.gemv(x2, self.words, self.scales, self.zeros, self.group_words, self.bits)
+        if x2.shape[0] < GEMV_ROWS:  # decode: a few microseconds of Python matter here, so no-op calls are skipped
+            if x2.dtype != torch.float32:
+                x2 = x2.float()
+            if self.gather is not None or self.padded_in != self.in_features:
+                x2 = self._inputs(x2)
+            y = self.kernels.gemv(x2.contiguous(), self.words, self.scales, self.zeros, self.group_words, self.bits)
         else:  # one GEMM per chunk of groups, summed in float32
             dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
             x2, values, y = self._inputs(x2.to(dtype)), 32 // self.bits, None
@@ -155,7 +158,7 @@ class CpuGptqWeight:
                     y.addmm_(xs, wt)
                 else:
                     y.add_(torch.mm(xs, wt))
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*lead, self.out_features)
 
     def nbytes(self) -> int:
         """Bytes this object holds beyond the checkpoint's buffers (repacked words, float16 zeros, gather index)."""
