@@ -6,8 +6,9 @@ The checkpoint is a Llama-layout SmolLM2-135M (benchmarks/smollm2_llama.py) quan
 g128 on K=576). Rows, all through the same timing loop on transformers' LlamaForCausalLM (only the linear layers
 differ): the float32 model; ours (quantize.native_checkpoint.load_native_quantized, kernel="auto" -> "cpu") with
 float32 float parts, and with bfloat16 ones (embedding, norms, lm_head, activations and the KV cache: the dtype the
-peer runs in); GPTQModel 7.6.0 `GPTQModel.load(..., backend="torch_fused", dtype=torch.bfloat16)`. Seeded random prompt ids; one warm-up generation per
-row first; rows repeat --rounds times interleaved and the best round is reported.
+peer runs in); GPTQModel 7.6.0 `GPTQModel.load(..., backend="torch_fused", dtype=torch.bfloat16)`. Seeded random
+prompt ids; one warm-up generation per row first; rows repeat --rounds times interleaved and the best round is
+reported.
 
     flock /tmp/bench.lock python benchmarks/quant_linear_peer.py --float LLAMA_DIR --int4 INT4_G64_DIR --threads 2
 """

@@ -64,8 +64,9 @@ def candidates(in_features: int, out_features: int, group_size: int, seed: int, 
               for bits in (4, 8) for kernel in kernels}
     for layer in layers.values():
         layer(x)  # prepare (repack) once
-    fns = {"float32 F.linear": lambda: F.linear(x, weight),
-           **{f"Int{bits} QuantLinear {kernel}": (lambda layer=layer: layer(x)) for (bits, kernel), layer in layers.items()}}
+    fns = {"float32 F.linear": lambda: F.linear(x, weight)}
+    for (bits, kernel), layer in layers.items():
+        fns[f"Int{bits} QuantLinear {kernel}"] = lambda layer=layer: layer(x)
     if rows > 1:
         return fns
     packed = layers[4, "int4pack"].int4pack_weight()

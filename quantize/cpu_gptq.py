@@ -3,10 +3,10 @@
 Fewer than GEMV_ROWS input rows (decode): ``gemv`` reads the packed codes where they are stored and converts them in
 registers, so a token reads 0.5 (Int4) or 1 (Int8) byte per weight and no float weight is written. More rows
 (prefill): ``dequantize`` writes the float32 weight in one pass (bfloat16 for bfloat16 activations), in chunks of
-whole groups, each followed by its GEMM. The dequantized weight is the reference's bit for bit ((code - zero) * scale is exact in float32), and the
-GEMV sums x . code per group in float32, applying scale and zero once per group: results differ from the dequantize
-reference only by float32 rounding of sums (~5e-7 relative), where torch's int4pack kernel rounds activations,
-scales and output to bfloat16 (~1e-2).
+whole groups, each followed by its GEMM. The dequantized weight is the reference's bit for bit ((code - zero) *
+scale is exact in float32), and the GEMV sums x . code per group in float32, applying scale and zero once per group:
+results differ from the dequantize reference only by float32 rounding of sums (~5e-7 relative), where torch's int4pack
+kernel rounds activations, scales and output to bfloat16 (~1e-2).
 
 Layout: the checkpoint's ``qweight`` is used as it is (no copy) when each group is a run of whole int32 words
 (``g_idx == column // group_size``, group_size a multiple of 32 / bits); otherwise (act-order, other group sizes) the
