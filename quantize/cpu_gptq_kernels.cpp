@@ -118,16 +118,23 @@ at::Tensor gemv_bits(const at::Tensor& x, const at::Tensor& words, const at::Ten
                      const at::Tensor& group_words) {
   const int64_t n_words = words.size(0), n_total = words.size(1);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_words / 16));
-  at::Tensor partial = at::zeros({parts, x.size(0), n_total}, x.options());
+  const int64_t size = x.size(0) * n_total;
+  at::Tensor partial = at::empty({parts, x.size(0), n_total}, x.options());
+  float* out = partial.data_ptr<float>();
   const auto* wp = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t part = begin; part < end; ++part)
+    for (int64_t part = begin; part < end; ++part) {
+      std::fill(out + part * size, out + (part + 1) * size, 0.f);
       gemv_words<BITS>(x.data_ptr<float>(), x.size(0), x.size(1), wp, n_total, scales.data_ptr<at::Half>(),
                        zeros.data_ptr<at::Half>(), group_words.data_ptr<int64_t>(), scales.size(0),
-                       partial.data_ptr<float>() + part * x.size(0) * n_total, n_words * part / parts,
-                       n_words * (part + 1) / parts);
+                       out + part * size, n_words * part / parts, n_words * (part + 1) / parts);
+    }
   });
-  return parts == 1 ? partial[0] : partial.sum(0);
+  for (int64_t part = 1; part < parts; ++part) {  // a few thousand floats: no second parallel region
+#pragma omp simd
+    for (int64_t i = 0; i < size; ++i) out[i] += out[part * size + i];
+  }
+  return partial[0];
 }
 
 void check_layer(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
