@@ -42,10 +42,10 @@ def test_padding_is_exact(bits, group_size, sym, multiple, tiny_dir, tmp_path):
         assert wb.shape == (64, multiple) and torch.equal(wb[:, :128], wa) and not wb[:, 128:].any()
     with torch.no_grad():
         ref, got = plain(IDS).logits, padded(IDS).logits
-    if multiple % 32 == 0:  # same packed words for the original columns: bit-identical
-        assert torch.equal(got, ref)
-    else:  # a longer dot product of exact zeros may be summed in another order
-        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    # the padding adds exact zeros, but a longer dot product may be summed in another order (the CPU kernel splits a
+    # layer's words between threads by their count), so equal to float32 rounding
+    assert (got - ref).norm() <= 1e-5 * ref.norm()
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_cli_pads_and_reports_vllm_support(tiny_dir, tmp_path):
