@@ -64,8 +64,8 @@ def load_model(path, device=None, kernel: str = "torch"):
     families as transformers' own class (GPTQ ones through `load_native_quantized`), in eval mode on `device`.
 
     What evaluation loads: GPTQ layers use QuantLinear `kernel` ("torch" by default, the dequantize reference, and the
-    float lm_head as stored), so a perplexity measures the checkpoint's exact weights in float32, not a fast
-    kernel's bfloat16 rounding (see `benchmarks/quant_linear_quality.py` for what "auto" changes)."""
+    float lm_head as stored), so a perplexity measures the checkpoint's exact weights in float32 on any machine,
+    whichever kernel "auto" would pick there (see `benchmarks/quant_linear_quality.py` for what "auto" changes)."""
     family = family_for(path)
     if family.name == "qwen":
         from qwen_model.modeling_qwen import QWenLMHeadModel
