@@ -25,6 +25,7 @@ from kvcache.quantize_cache import KEY_GROUP_SIZE, GroupedKeys
 from kvcache.quantized_attention import cache_bits, check_mask, rotated_keys
 
 DEFAULT_CHUNK = 1024
+UNDERFLOW = -87.0
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,12 @@ class _OnlineSoftmax:
         """Rescales the running sums to the new max and returns this block's unnormalised probabilities."""
         new_max = torch.maximum(self.max, scores.amax(dim=-1, keepdim=True))
         safe = new_max.clamp(min=torch.finfo(torch.float32).min)  # a block masked with -inf only stays at 0
-        probs = torch.exp(scores - safe)
+        # torch's exp is ~4x slower where its result underflows (masked positions: 35 vs 9 ms for a 9 x 1024 x 1024
+        # causal block here), and denormal probabilities slow the value matmul 6x: arguments below UNDERFLOW, whose
+        # exp (< 1.7e-38) cannot change a sum whose largest term is 1, give exact zeros instead
+        shifted = scores - safe
+        underflow = shifted < UNDERFLOW
+        probs = shifted.clamp_(min=UNDERFLOW).exp_().masked_fill_(underflow, 0.0)
         correction = torch.exp(self.max - safe)
         self.norm.mul_(correction).add_(probs.sum(dim=-1, keepdim=True))
         self.acc.mul_(correction)

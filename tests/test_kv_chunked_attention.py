@@ -64,6 +64,41 @@ def test_prefill_chunk_with_fresh_states(bits, layout):
 
 
 @pytest.mark.parametrize("bits,layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_prefill_chunk_attends_its_own_states(bits, layout, dtype):
+    """Nothing cached before the chunk (kv_len == fresh length, a prompt's prefill): the chunk's own float states,
+    causal, with a left-padded row."""
+    b, h, n, d = 2, 3, 40, 64
+    gen = torch.Generator().manual_seed(4)
+    fresh = (torch.randn(b, h, n, d, generator=gen) * 3, torch.randn(b, h, n, d, generator=gen))
+    layer_past = _layer(bits, layout, b, h, n, d, keys=fresh[0], values=fresh[1])
+    query = torch.randn(b, h, n, d, generator=gen).to(dtype)
+    mask = torch.triu(torch.full((n, n), torch.finfo(torch.float32).min), diagonal=1).expand(b, 1, n, n).clone()
+    mask[1, ..., :5] = torch.finfo(torch.float32).min
+    inv_freq = rotary_inv_freq([1.0], d, 10000.0)
+    ref = attention_torch(query, layer_past, mask, 0.125, fresh=fresh, inv_freq=inv_freq)
+    out = attention_chunked(query, layer_past, mask, 0.125, fresh=fresh, inv_freq=inv_freq)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_masked_positions_weigh_exactly_zero():
+    """Masked scores underflow to exact zero weights (not tiny ones): huge values behind the mask leave no trace."""
+    b, h, n, d = 1, 2, 16, 64
+    gen = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, n, d, generator=gen)
+    values[..., :4, :] = 1e38  # a weight of even 1e-38 would show
+    mask = torch.zeros(b, 1, 1, n)
+    mask[..., :4] = torch.finfo(torch.float32).min
+    query = torch.randn(b, h, 1, d, generator=gen)
+    layer_past = _layer(8, "token", b, h, n, d, keys=keys, values=values)
+    out = attention_chunked(query, layer_past, mask, None, fresh=(keys, values))
+    want = torch.softmax(query @ keys[..., 4:, :].transpose(-1, -2) / 8, dim=-1) @ values[..., 4:, :]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits,layout", LAYOUTS)
 @pytest.mark.parametrize("fill", [0.0, 2.5, -1.0])
 def test_constant_and_zero_rows(bits, layout, fill):
     b, h, kv_len, d = 1, 2, 130, 16
