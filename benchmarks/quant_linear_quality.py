@@ -50,10 +50,10 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 logits[kernel] = model(window).logits
                 if kernel != "torch":  # the fast model's lm_head is the checkpoint's float16; the reference's float32
-                    model.lm_head = reference.lm_head
+                    own_head, model.lm_head = model.lm_head, reference.lm_head
                     same_head[kernel] = model(window).logits
-            ppl[kernel] = perplexity(model if kernel == "torch" else QWenLMHeadModel.from_pretrained(
-                path, gptq_kernel=kernel).eval(), ids, ctx=args.ctx, n_windows=args.windows, progress=False)
+                    model.lm_head = own_head
+            ppl[kernel] = perplexity(model, ids, ctx=args.ctx, n_windows=args.windows, progress=False)
         for kernel in KERNELS[1:]:
             ref = logits["torch"]
             rel = ((logits[kernel] - ref).norm() / ref.norm()).item()

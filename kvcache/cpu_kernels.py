@@ -15,16 +15,13 @@ each code before the product, so no large terms cancel):
   call instead of ~20 small tensor ops (``QuantizedKVLayer`` uses it on CPU).
 
 4-bit codes hold the even channel in the low nibble; the kernels take the query (and give the output) in split order
-(even channels, then odd ones). The build (gcc, ``-O3 -march=native``, about a minute the first time) goes to
-``kvcache.cpp_kernels.kernel_build_dir() / EXTENSION_NAME`` and is reused by later processes. Any failure logs one warning
-and yields ``None``, and attention falls back to the plain-torch blocks of ``kvcache.chunked_attention``.
+(even channels, then odd ones). The build (``kvcache.cpp_kernels.build_cpu_extension``: gcc, ``-O3 -march=native
+-fopenmp``, about half a minute the first time) is reused by later processes. Any failure logs one warning and yields
+``None``, and attention falls back to the plain-torch blocks of ``kvcache.chunked_attention``.
 """
-import logging
 from pathlib import Path
 
-from kvcache.cpp_kernels import kernel_build_dir
-
-logger = logging.getLogger(__name__)
+from kvcache.cpp_kernels import build_cpu_extension
 
 EXTENSION_NAME = "qwen_quant_cpu_cache_kernels"
 _state = {}
@@ -35,22 +32,10 @@ def load_cpu_kernels(portable: bool = False):
 
     ``portable=True`` builds the plain C++ loops without ``-march=native`` (no AVX-512 intrinsics): what runs on a
     CPU without AVX-512, built here so that tests cover it too."""
-    if portable in _state:
-        return _state[portable]
-    name = EXTENSION_NAME + ("_portable" if portable else "")
-    flags = ["-O3", "-fopenmp"] + ([] if portable else ["-march=native"])
-    try:
-        from torch.utils.cpp_extension import load
-
-        build_dir = kernel_build_dir() / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-        logger.info("loading the CPU KV-cache kernels (built into %s on first use, about a minute)", build_dir)
-        _state[portable] = load(name=name, sources=[str(Path(__file__).resolve().parent / "cpu_cache_kernels.cpp")],
-                                build_directory=str(build_dir), extra_cflags=flags,
-                                extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as err:  # noqa: BLE001 -- any build/import failure means "fall back", reported once
-        logger.warning("CPU KV-cache kernels could not be built or loaded (%s); using the plain-torch blocks", err)
-        _state[portable] = None
+    if portable not in _state:
+        source = Path(__file__).resolve().parent / "cpu_cache_kernels.cpp"
+        _state[portable] = build_cpu_extension(EXTENSION_NAME, source, portable, "CPU KV-cache kernels",
+                                               "the plain-torch blocks")
     return _state[portable]
 
 

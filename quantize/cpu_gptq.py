@@ -12,23 +12,20 @@ Layout: the checkpoint's ``qweight`` is used as it is (no copy) when each group 
 (``g_idx == column // group_size``, group_size a multiple of 32 / bits); otherwise (act-order, other group sizes) the
 codes are repacked once into group order, each group padded to whole words, and the input columns are gathered into
 that order: a copy the size of ``qweight``. Bits 2, 4 and 8 (3-bit codes straddle words). The build (gcc, ``-O3
--march=native``, ~30 s the first time) goes next to the KV-cache kernels (``kvcache.cpp_kernels.kernel_build_dir``) and
-is reused; a failed build logs one warning and yields None, and QuantLinear uses its other CPU paths. The same
+-march=native``, ~30 s the first time) is the KV-cache kernels' (``kvcache.cpp_kernels.build_cpu_extension``) and is
+reused; a failed build logs one warning and yields None, and QuantLinear uses its other CPU paths. The same
 extension holds ``half_linear``, the float16 layer a GPTQ checkpoint keeps (its lm_head, quantize.float16_linear).
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kvcache.cpp_kernels import kernel_build_dir
+from kvcache.cpp_kernels import build_cpu_extension
 
-from .pack import pack_rows, unpack_layer
-
-log = logging.getLogger(__name__)
+from .pack import group_gather, pack_rows, unpack_rows, unpack_zeros
 
 EXTENSION_NAME = "qwen_quant_cpu_gptq_kernels"
 BITS = (2, 4, 8)
@@ -49,20 +46,9 @@ def load_kernels(portable: bool = False):
 
     ``portable=True`` builds without ``-march=native``: what a CPU without AVX-512 runs, built here for the tests."""
     if portable not in _state:
-        name = EXTENSION_NAME + ("_portable" if portable else "")
-        flags = ["-O3", "-fopenmp"] + ([] if portable else ["-march=native"])
-        try:
-            from torch.utils.cpp_extension import load
-
-            build_dir = kernel_build_dir() / name
-            build_dir.mkdir(parents=True, exist_ok=True)
-            log.info("loading the CPU GPTQ kernels (built into %s on first use)", build_dir)
-            _state[portable] = load(name=name, sources=[str(Path(__file__).resolve().parent / "cpu_gptq_kernels.cpp")],
-                                    build_directory=str(build_dir), extra_cflags=flags,
-                                    extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as err:  # noqa: BLE001 -- any build/import failure means "use another path", said once
-            log.warning("CPU GPTQ kernels could not be built or loaded (%s); using the int4pack/dequantize paths", err)
-            _state[portable] = None
+        source = Path(__file__).resolve().parent / "cpu_gptq_kernels.cpp"
+        _state[portable] = build_cpu_extension(EXTENSION_NAME, source, portable, "CPU GPTQ kernels",
+                                               "the int4pack/dequantize paths")
     return _state[portable]
 
 
@@ -88,39 +74,35 @@ class CpuGptqWeight:
         self.kernels = kernels or load_kernels()
         if self.kernels is None:
             raise RuntimeError("the CPU GPTQ kernels are not available (the build failed; see the warning above)")
-        codes, zeros = unpack_layer(qweight, qzeros, scales, g_idx, bits, checkpoint_format)
-        self.bits, self.in_features, self.out_features = bits, codes.shape[1], codes.shape[0]
+        self.bits, self.in_features, self.out_features = bits, g_idx.numel(), scales.shape[1]
         values = 32 // bits
         n_groups = scales.shape[0]
         gs = self.in_features if group_size == -1 else group_size
-        columns = torch.arange(self.in_features)
-        g = g_idx.long()
-        if gs % values == 0 and torch.equal(g, columns // gs):
+        if gs % values == 0 and torch.equal(g_idx.long(), torch.arange(self.in_features) // gs):
             self.words = qweight.contiguous()
             starts = torch.arange(n_groups) * (gs // values)
             self.group_words = torch.cat([starts, torch.tensor([self.words.shape[0]])])
             self.gather = None
         else:
-            counts = torch.bincount(g, minlength=n_groups)
+            counts = torch.bincount(g_idx.long(), minlength=n_groups)
             self.group_words = F.pad(torch.cumsum(-(-counts // values), 0), (1, 0))
-            order = torch.argsort(g, stable=True)
-            rank = columns - torch.cumsum(counts, 0)[g[order]] + counts[g[order]]
-            position = self.group_words[g[order]] * values + rank
-            self.gather = torch.full((int(self.group_words[-1]) * values,), self.in_features, dtype=torch.long)
-            self.gather[position] = order
+            order, position, self.gather = group_gather(g_idx, self.group_words[:-1] * values,
+                                                        int(self.group_words[-1]) * values)
             laid = torch.zeros(self.gather.numel(), self.out_features, dtype=torch.int32)
-            laid[position] = codes.t()[order]
+            laid[position] = unpack_rows(qweight, bits, self.in_features)[order]
             self.words = pack_rows(laid, bits)[:int(self.group_words[-1])].contiguous()
         self.padded_in = self.words.shape[0] * values
         self.scales = scales.to(torch.float16).contiguous()
-        self.zeros = zeros.to(torch.float16).contiguous()
-        self.chunks, first = [], 0  # group ranges of at most CHUNK_BYTES of float32 weight (or one group)
-        for g in range(n_groups):
-            if (self.group_words[g + 1] - self.group_words[first]) * values * self.out_features * 4 > CHUNK_BYTES \
-                    and g > first:
+        self.zeros = unpack_zeros(qzeros, bits, self.out_features, checkpoint_format).to(torch.float16).contiguous()
+        # prefill's chunks: group ranges [g0, g1) of at most CHUNK_BYTES of float32 weight (or one group), and for
+        # each its word range with the groups' word offsets from there (computed once, not per call)
+        self.chunks, self._chunk_words, bounds, first = [], [], [int(w) for w in self.group_words], 0
+        for g in range(n_groups + 1):
+            if g == n_groups or ((bounds[g + 1] - bounds[first]) * values * self.out_features * 4 > CHUNK_BYTES
+                                 and g > first):
                 self.chunks.append((first, g))
+                self._chunk_words.append((bounds[first], bounds[g], self.group_words[first:g + 1] - bounds[first]))
                 first = g
-        self.chunks.append((first, n_groups))
 
     def _inputs(self, x2: torch.Tensor) -> torch.Tensor:
         """x [rows, in] -> [rows, padded_in] in the words' row order, zero where the words hold padding."""
@@ -128,13 +110,13 @@ class CpuGptqWeight:
             return F.pad(x2, (0, 1))[:, self.gather]
         return F.pad(x2, (0, self.padded_in - self.in_features)) if self.padded_in != self.in_features else x2
 
-    def dequantize_transposed(self, dtype: torch.dtype = torch.float32, groups: tuple[int, int] | None = None
-                              ) -> torch.Tensor:
-        """W^T [rows, out] in the words' row order (float32 or bfloat16): all of it, or the rows of groups [g0, g1)."""
-        g0, g1 = groups or (0, self.scales.shape[0])
-        w0, w1 = int(self.group_words[g0]), int(self.group_words[g1])
-        return self.kernels.dequantize(self.words[w0:w1], self.scales[g0:g1], self.zeros[g0:g1],
-                                       self.group_words[g0:g1 + 1] - w0, self.bits, dtype)
+    def _dequantize(self, dtype: torch.dtype, g0: int, g1: int, w0: int, w1: int, offsets: torch.Tensor):
+        return self.kernels.dequantize(self.words[w0:w1], self.scales[g0:g1], self.zeros[g0:g1], offsets, self.bits,
+                                       dtype)
+
+    def dequantize_transposed(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W^T [padded_in, out] in the words' row order (float32 or bfloat16)."""
+        return self._dequantize(dtype, 0, self.scales.shape[0], 0, self.words.shape[0], self.group_words)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] (any float dtype, CPU) -> x @ W^T [..., out] in x's dtype."""
@@ -149,9 +131,8 @@ class CpuGptqWeight:
         else:  # one GEMM per chunk of groups, summed in float32
             dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
             x2, values, y = self._inputs(x2.to(dtype)), 32 // self.bits, None
-            for g0, g1 in self.chunks:
-                k0, k1 = int(self.group_words[g0]) * values, int(self.group_words[g1]) * values
-                xs, wt = x2[:, k0:k1], self.dequantize_transposed(dtype, (g0, g1))
+            for (g0, g1), (w0, w1, offsets) in zip(self.chunks, self._chunk_words):
+                xs, wt = x2[:, w0 * values:w1 * values], self._dequantize(dtype, g0, g1, w0, w1, offsets)
                 if y is None:
                     y = torch.mm(xs, wt).float()
                 elif dtype == torch.float32:

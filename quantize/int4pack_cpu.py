@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .pack import group_gather
+
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 BITS = (2, 3, 4, 8)
 
@@ -48,15 +50,10 @@ class Int4PackWeight:
         if bits not in BITS or kg is None:
             raise ValueError(f"the int4pack kernel takes bits {BITS} and group sizes that are multiples of 32, "
                              f"got bits={bits}, group_size={group_size}")
-        g_idx = g_idx.long()
-        counts = torch.bincount(g_idx, minlength=n_groups)
+        counts = torch.bincount(g_idx.long(), minlength=n_groups)
         slot = -(-int(counts.max()) // kg) * kg  # columns reserved per GPTQ group, a multiple of kg
-        order = torch.argsort(g_idx, stable=True)
-        rank = torch.arange(in_features) - torch.cumsum(counts, 0)[g_idx[order]] + counts[g_idx[order]]
-        position = g_idx[order] * slot + rank  # where input column order[i] goes
         k_pad = n_groups * slot
-        gather = torch.full((k_pad,), in_features, dtype=torch.long)  # index in_features = a zero column
-        gather[position] = order
+        order, position, gather = group_gather(g_idx, torch.arange(n_groups) * slot, k_pad)
         in_order = bool(torch.equal(gather[:in_features], torch.arange(in_features)))
         self.pad = k_pad - in_features if in_order and bool((gather[in_features:] == in_features).all()) else 0
         self.identity = k_pad == in_features and in_order

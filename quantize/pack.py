@@ -129,12 +129,32 @@ def _check_layer(qweight, qzeros, scales, g_idx, bits, checkpoint_format) -> Non
                          f"bits={bits}")
 
 
+def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int, checkpoint_format: str) -> torch.Tensor:
+    """True zero points int32 [n_groups, out] of packed qzeros (the v1 format stores zero - 1)."""
+    zeros = unpack_rows(qzeros.t(), bits, out_features).t()
+    return zeros + 1 if checkpoint_format == "gptq" else zeros
+
+
 def _unpack_transposed(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
     """(codes int32 [in, out], true zero points int32 [n_groups, out]), the layouts the words are stored in."""
     _check_layer(qweight, qzeros, scales, g_idx, bits, checkpoint_format)
     codes = unpack_rows(qweight, bits, g_idx.numel())
-    zeros = unpack_rows(qzeros.t(), bits, scales.shape[1]).t()
-    return codes, zeros + 1 if checkpoint_format == "gptq" else zeros
+    return codes, unpack_zeros(qzeros, bits, scales.shape[1], checkpoint_format)
+
+
+def group_gather(g_idx: torch.Tensor, starts: torch.Tensor, length: int):
+    """Lays input columns out group by group, for kernels that need each group contiguous (act-order g_idx, padded
+    groups): the columns of group g, in their order, from column starts[g]. Returns (order, position, gather):
+    input column order[i] goes to position[i]; gather [length] maps each laid-out column back to its input column
+    (in_features for a slot left empty, i.e. a zero column once the input is padded by one)."""
+    g = g_idx.long()
+    counts = torch.bincount(g, minlength=starts.numel())
+    order = torch.argsort(g, stable=True)
+    rank = torch.arange(g.numel()) - torch.cumsum(counts, 0)[g[order]] + counts[g[order]]
+    position = starts[g[order]] + rank
+    gather = torch.full((length,), g.numel(), dtype=torch.long)
+    gather[position] = order
+    return order, position, gather
 
 
 def unpack_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
