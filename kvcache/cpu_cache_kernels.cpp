@@ -387,6 +387,112 @@ at::Tensor attend_grouped(const at::Tensor& q, const at::Tensor& codes, const at
   return token_values(probs, value_codes, value_scale, value_zero, 4, q.size(2));
 }
 
+// Decode attention over a float32 layer: out[r, i] = softmax(q[r, i] . k[r, t] * scale + mask) weighted v[r, t],
+// q [R, Q, D], k and v [R, T, D] (rows may be strided views into a reserved buffer). One call instead of the ~8
+// tensor ops of the plain matmul attention. Threads take (row, block of BLOCK positions) pairs for both the scores
+// and the values, so a few heads still keep every thread busy; the value blocks' partial sums are added per row.
+constexpr int64_t BLOCK = 256;
+
+template <int64_t D>
+inline float dot_float(const float* __restrict__ q, const float* __restrict__ k) {
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
+  for (int64_t d = 16; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
+  return _mm512_reduce_add_ps(acc);
+#else
+  float acc[16] = {};
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+#pragma omp simd
+    for (int64_t j = 0; j < 16; ++j) acc[j] += q[d0 + j] * k[d0 + j];
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < 16; ++j) total += acc[j];
+  return total;
+#endif
+}
+
+template <int64_t D>
+at::Tensor attend_float_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const c10::optional<at::Tensor>& mask, double scale, int64_t heads) {
+  const int64_t R = q.size(0), Q = q.size(1), T = k.size(1), blocks = (T + BLOCK - 1) / BLOCK;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0);
+  auto scores = at::empty({R, Q, T}, q.options());
+  float* sp = scores.data_ptr<float>();
+  at::parallel_for(0, R * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t r = unit / blocks, t0 = unit % blocks * BLOCK, t1 = std::min(T, t0 + BLOCK);
+      for (int64_t i = 0; i < Q; ++i) {
+        const float* qi = qp + r * qs + i * D;
+        float* o = sp + (r * Q + i) * T;
+        for (int64_t t = t0; t < t1; ++t) o[t] = dot_float<D>(qi, kp + r * ks + t * D);
+      }
+    }
+  });
+  auto probs = probabilities(scores, scale, mask, heads);
+  const float* pp = probs.data_ptr<float>();
+  auto partial = at::empty({R, blocks, Q, D}, q.options());
+  float* part = partial.data_ptr<float>();
+  at::parallel_for(0, R * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t r = unit / blocks, b = unit % blocks, t0 = b * BLOCK, t1 = std::min(T, t0 + BLOCK);
+      for (int64_t i = 0; i < Q; ++i) {
+        const float* p = pp + (r * Q + i) * T;
+        float* acc = part + ((r * blocks + b) * Q + i) * D;
+#if defined(__AVX512F__)
+        __m512 a[D / 16];
+        for (int64_t j = 0; j < D / 16; ++j) a[j] = _mm512_setzero_ps();
+        for (int64_t t = t0; t < t1; ++t) {
+          const __m512 w = _mm512_set1_ps(p[t]);
+          const float* vt = vp + r * vs + t * D;
+          for (int64_t j = 0; j < D / 16; ++j) a[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 16 * j), a[j]);
+        }
+        for (int64_t j = 0; j < D / 16; ++j) _mm512_storeu_ps(acc + 16 * j, a[j]);
+#else
+        std::fill(acc, acc + D, 0.f);
+        for (int64_t t = t0; t < t1; ++t) {
+          const float w = p[t];
+          const float* vt = vp + r * vs + t * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) acc[d] += w * vt[d];
+        }
+#endif
+      }
+    }
+  });
+  auto out = at::empty({R, Q, D}, q.options());
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < Q; ++i) {
+      float* o = op + (r * Q + i) * D;
+      std::copy(part + (r * blocks * Q + i) * D, part + (r * blocks * Q + i) * D + D, o);
+      for (int64_t b = 1; b < blocks; ++b) {
+        const float* src = part + ((r * blocks + b) * Q + i) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] += src[d];
+      }
+    }
+  return out;
+}
+
+// softmax(q . k * scale + mask) v over a float32 layer, [R, Q, D]; mask (optional) broadcasts to [B, heads, Q, T].
+at::Tensor attend_float(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const c10::optional<at::Tensor>& mask, double scale, int64_t heads) {
+  check(q, at::kFloat, 3, "q");
+  check(k, at::kFloat, 3, "k");
+  check(v, at::kFloat, 3, "v");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(1) > 0,
+              "k and v must be [R, T > 0, D] with q's R and D");
+  TORCH_CHECK(q.size(0) % heads == 0, "rows must be batch x heads");
+  switch (q.size(2)) {
+    case 64: return attend_float_rows<64>(q, k, v, mask, scale, heads);
+    case 128: return attend_float_rows<128>(q, k, v, mask, scale, heads);
+    default: TORCH_CHECK(false, "attend_float takes head_dim 64 or 128, got ", q.size(2));
+  }
+}
+
 // Per-row asymmetric quantization of float32 states [N, D] with round to nearest (even), the arithmetic of
 // kvcache.quantize_cache._quantize_token for float32 step by step (so the codes, scales and zeros are bit-identical):
 // 8 bits widen the range to contain 0 and round the zero point onto the grid; 4 bits keep the plain min/max grid
@@ -450,4 +556,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_token", &quantize_token, "per-row asymmetric 8/4-bit quantization of float32 states");
   m.def("attend_token", &attend_token, "decode attention over a token-layout quantized layer");
   m.def("attend_grouped", &attend_grouped, "decode attention over a channel_groups quantized layer");
+  m.def("attend_float", &attend_float, "decode attention over a float32 layer");
 }

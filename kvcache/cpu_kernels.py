@@ -11,6 +11,8 @@ each code before the product, so no large terms cancel):
 * ``token_values``: ``Σ_t (p_t s_t) (v_q − z_t)`` = ``p @ V``;
 * ``attend_token`` / ``attend_grouped``: a whole decode step (scores, float32 softmax with the mask, values) in one
   call, what ``kvcache.blocked_attention`` runs;
+* ``attend_float``: the same decode step over a float32 layer (``q·k``, float32 softmax with the mask, ``p @ V``),
+  what the model runs for a decoded token on CPU instead of ~8 small tensor ops (``attend_float_cpu``);
 * ``quantize_token``: the per-token quantizer of ``kvcache.quantize_cache`` for float32 states, bit-identical, one
   call instead of ~20 small tensor ops (``QuantizedKVLayer`` uses it on CPU).
 
@@ -20,6 +22,8 @@ each code before the product, so no large terms cancel):
 ``None``, and attention falls back to the plain-torch blocks of ``kvcache.chunked_attention``.
 """
 from pathlib import Path
+
+import torch
 
 from kvcache.cpp_kernels import build_cpu_extension
 
@@ -48,3 +52,21 @@ def quantize_token_cpu(kernels, states, bits: int, qmin: int, qmax: int):
     if not finite:
         raise ValueError("quantize_cache_v: fdata contains NaN or inf values, which cannot be quantized")
     return codes.view(b, h, n, -1), scale.view(b, h, n, 1), zero.view(b, h, n, 1)
+
+
+def attend_float_cpu(query, key, value, mask, scale: float):
+    """``softmax(q k^T * scale + mask) v`` for one decoded token: float32 CPU query [b, h, 1, d], keys/values
+    [b, h, T, d] (views into a reserved cache are read in place), mask None or additive [b, 1, 1, T]; returns
+    [b, h, 1, d], or None where the kernel does not apply (other dtypes or head sizes, no build), for the caller's
+    plain attention."""
+    b, h, s, d = query.shape
+    if (s != 1 or d not in (64, 128) or query.device.type != "cpu" or key.shape[2] == 0
+            or not query.dtype == key.dtype == value.dtype == torch.float32
+            or (mask is not None and mask.dtype != torch.float32)):
+        return None
+    kernels = load_cpu_kernels()
+    if kernels is None:
+        return None
+    out = kernels.attend_float(query.reshape(b * h, s, d), key.reshape(b * h, -1, d), value.reshape(b * h, -1, d),
+                               mask, scale, h)
+    return out.view(b, h, s, d)

@@ -34,10 +34,11 @@ def cached_cos_sin_at(position_ids, inv_freq):
 def apply_rotary_pos_emb(t, cos, sin):
     """Rotate the first ``cos.shape[-1]`` channels of ``t`` ``[b, h, s, d]`` (NeoX halves), in fp32."""
     rot_dim = cos.shape[-1]
-    t_, t_pass = t[..., :rot_dim].float(), t[..., rot_dim:]
+    whole = rot_dim == t.shape[-1]  # the usual case: no pass-through channels to split off and join again
+    t_ = (t if whole else t[..., :rot_dim]).float()
     x1, x2 = t_.chunk(2, dim=-1)
-    t_ = t_ * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((t_.type_as(t), t_pass), dim=-1)
+    t_ = (t_ * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(t)
+    return t_ if whole else torch.cat((t_, t[..., rot_dim:]), dim=-1)
 
 
 _TABLES: dict = {}

@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from kvcache.cpu_kernels import attend_float_cpu
 from kvcache.quantized_attention import quantized_attention
 from kvcache.quantized_cache import QuantizedKVCache, QuantizedKVLayer
 from kvcache.reserved import ReservedCache
@@ -60,6 +61,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same arithmetic in one fused op
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
 
@@ -98,11 +101,13 @@ class QWenAttention(nn.Module):
         """`rotary_pos_emb` is `(cos, sin, inv_freq, key_positions)` from `QWenModel.forward`; the last two let a
         quantized cache keep keys before the rotary (its `"channel_groups"` layout) and rotate them when read."""
         b, s, _ = hidden_states.shape
-        query, key, value = self.c_attn(hidden_states).split(self.projection_size, dim=2)
-        query, key, value = (t.view(b, s, self.num_heads, -1).transpose(1, 2) for t in (query, key, value))
+        # queries and keys side by side as 2 * heads heads, rotated in one go (a decode step pays per tensor op)
+        query_key, value = self.c_attn(hidden_states).split((2 * self.projection_size, self.projection_size), dim=2)
+        query_key = query_key.view(b, s, 2 * self.num_heads, -1).transpose(1, 2)
+        value = value.view(b, s, self.num_heads, -1).transpose(1, 2)
         cos, sin, inv_freq, key_positions = rotary_pos_emb
-        query = apply_rotary_pos_emb(query, cos, sin)
-        raw_key, key = key, apply_rotary_pos_emb(key, cos, sin)
+        rotated = apply_rotary_pos_emb(query_key, cos, sin)
+        query, key, raw_key = rotated[:, :self.num_heads], rotated[:, self.num_heads:], query_key[:, self.num_heads:]
         if logn_scale is not None:
             query = query * logn_scale.type_as(query)
         scale = 1.0 / math.sqrt(value.shape[-1]) if self.scale_attn_weights else 1.0
@@ -121,6 +126,7 @@ class QWenAttention(nn.Module):
         else:
             layer_past = (key, value)
 
+        fused = None if quantized or self.training else attend_float_cpu(query, *layer_past, attention_mask, scale)
         if quantized:
             backend = "auto" if query.device.type == "cpu" else ("cuda" if self.config.use_cache_kernel else "triton")
             # A prefill chunk attends to its own keys/values in full precision and to earlier ones through the
@@ -128,6 +134,8 @@ class QWenAttention(nn.Module):
             fresh = (key, value) if s > 1 and self.config.cache_granularity == "token" else None
             out = quantized_attention(query, layer_past, attention_mask, scale, backend=backend, fresh=fresh,
                                       inv_freq=inv_freq)
+        elif fused is not None:  # a decoded token on CPU: one kernel call, whatever use_flash_attn says
+            out = fused
         elif self.eager and not self.training:
             out = eager_attention(query, *layer_past, attention_mask, scale)
         else:

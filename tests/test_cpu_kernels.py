@@ -1,13 +1,17 @@
 """The CPU KV-cache kernels (kvcache/cpu_cache_kernels.cpp, AVX-512 and portable builds) against the dequantizing
 plain-torch reference `attention_torch`: 8-bit and 4-bit token layouts, 4-bit channel_groups keys, batch > 1 with
-left padding, a float `fresh` tail, odd lengths, head_dim 64/128, several queries, constant and zero states."""
+left padding, a float `fresh` tail, odd lengths, head_dim 64/128, several queries, constant and zero states; and the
+fused float32 decode attention (`attend_float`) against the model's plain matmul attention."""
 import pytest
 import torch
 
 from kvcache.blocked_attention import attention_blocked
-from kvcache.cpu_kernels import load_cpu_kernels
+from kvcache.cpu_kernels import attend_float_cpu, load_cpu_kernels
 from kvcache.quantized_attention import attention_torch, quantized_attention
 from kvcache.quantized_cache import QuantizedKVCache
+from qwen_model.configuration_qwen import QWenConfig
+from qwen_model.create_tiny import TINY_CONFIG
+from qwen_model.modeling_qwen import eager_attention
 
 # float32 sums in another order than the reference's matmuls; the codes and scales are the same.
 ATOL, RTOL = 2e-5, 1e-4
@@ -19,6 +23,11 @@ def kernels(request):
     module = load_cpu_kernels(portable=request.param)
     assert module is not None, "the CPU kernels must build here (gcc is on every CI machine)"
     return module
+
+
+@pytest.fixture
+def tiny_config_head64():
+    return QWenConfig(**{**TINY_CONFIG, "hidden_size": 128, "num_attention_heads": 2, "kv_channels": 64})
 
 
 def inv_freq(d, rot=None):
@@ -156,3 +165,88 @@ def test_cache_update_refuses_non_finite_states():
     key[0, 1, 2, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         cache.update(key, torch.randn(1, 2, 3, 64), 0)
+
+
+def reserved_views(b, h, kv_len, d, g, capacity_extra=5):
+    """Keys/values as prefix views of a larger buffer along the sequence axis, as ReservedCache returns them."""
+    buffer = torch.randn(2, b, h, kv_len + capacity_extra, d, generator=g)
+    return buffer[0, :, :, :kv_len], buffer[1, :, :, :kv_len]
+
+
+@pytest.mark.parametrize("b,h,kv_len,d", [(1, 3, 1, 64), (2, 4, 255, 64), (3, 2, 257, 128), (1, 9, 1030, 64)])
+def test_attend_float_matches_eager_attention(kernels, b, h, kv_len, d):
+    """The fused float32 decode step against the model's plain matmul attention, on strided cache views, with a
+    left-padding mask for batch > 1 (block edges at 256 positions: 255, 257, 1030)."""
+    g = torch.Generator().manual_seed(kv_len + d)
+    key, value = reserved_views(b, h, kv_len, d, g)
+    query = torch.randn(b, h, 1, d, generator=g) * 2
+    mask = left_padding_mask(b, 1, kv_len, [min(i * 7, kv_len - 1) for i in range(b)]) if b > 1 else None
+    scale = d ** -0.5
+    want = eager_attention(query, key, value, mask, scale)
+    got = kernels.attend_float(query.reshape(b * h, 1, d), key.reshape(b * h, kv_len, d),
+                               value.reshape(b * h, kv_len, d), mask, scale, h).view(b, h, 1, d)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_attend_float_constant_zero_and_non_finite_states(kernels):
+    b, h, kv_len, d = 1, 2, 300, 64
+    query = torch.randn(b, h, 1, d, generator=torch.Generator().manual_seed(1))
+    zeros = torch.zeros(b, h, kv_len, d)
+    values = torch.arange(kv_len, dtype=torch.float32)[None, None, :, None].expand(b, h, kv_len, d).contiguous()
+    # zero keys: uniform weights, the values' mean
+    got = kernels.attend_float(query.reshape(h, 1, d), zeros.reshape(h, kv_len, d), values.reshape(h, kv_len, d),
+                               None, 0.125, h)
+    torch.testing.assert_close(got, torch.full((h, 1, d), (kv_len - 1) / 2), atol=1e-3, rtol=1e-6)
+    # a NaN key poisons its head's row, a NaN value its channel, as in the plain attention; the rest stays finite
+    for poisoned in ("key", "value"):
+        key, value = torch.randn(b, h, kv_len, d), torch.randn(b, h, kv_len, d)
+        (key if poisoned == "key" else value)[0, 1, 17, 3] = float("nan")
+        want = eager_attention(query, key, value, None, 0.125)
+        got = kernels.attend_float(query.reshape(h, 1, d), key.reshape(h, kv_len, d), value.reshape(h, kv_len, d),
+                                   None, 0.125, h).view(b, h, 1, d)
+        assert got[0, 1, 0, 3].isnan() and got[0, 0].isfinite().all()
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, equal_nan=True)
+
+
+def test_attend_float_cpu_applies_to_float32_decode_only():
+    q, k = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 9, 64)
+    assert attend_float_cpu(q, k, k, None, 0.125) is not None
+    assert attend_float_cpu(q.bfloat16(), k.bfloat16(), k.bfloat16(), None, 0.125) is None
+    assert attend_float_cpu(torch.randn(1, 2, 3, 64), k, k, None, 0.125) is None  # prefill: the caller's GEMMs
+    assert attend_float_cpu(torch.randn(1, 2, 1, 80), torch.randn(1, 2, 9, 80), torch.randn(1, 2, 9, 80), None,
+                            0.125) is None
+    with pytest.raises(RuntimeError, match="head_dim 64 or 128"):
+        load_cpu_kernels().attend_float(torch.randn(2, 1, 80), torch.randn(2, 9, 80), torch.randn(2, 9, 80), None,
+                                        0.125, 2)
+    with pytest.raises(RuntimeError, match="k and v must be"):
+        load_cpu_kernels().attend_float(torch.randn(2, 1, 64), torch.randn(2, 9, 64), torch.randn(2, 8, 64), None,
+                                        0.125, 2)
+
+
+def test_model_decode_through_attend_float_matches_uncached_forward(tiny_config_head64):
+    """A head_dim-64 model, batch 2 with left padding: cached greedy decoding (each token through attend_float)
+    gives the tokens of the uncached forward (the plain attention over the whole sequence every step), and the
+    kernel really ran."""
+    from qwen_model.modeling_qwen import QWenLMHeadModel
+    torch.manual_seed(0)
+    model = QWenLMHeadModel(tiny_config_head64).eval()
+    ids = torch.randint(5, 1000, (2, 11), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    calls = []
+    kernels = load_cpu_kernels()
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(kernels, name)
+
+    import kvcache.cpu_kernels as cpu_kernels
+    cpu_kernels._state[False] = Counting()
+    try:
+        cached = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    finally:
+        cpu_kernels._state[False] = kernels
+    uncached = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert calls.count("attend_float") == 7 * tiny_config_head64.num_hidden_layers
