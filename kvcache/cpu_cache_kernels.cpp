@@ -28,6 +28,27 @@ void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* n
               " must be a CPU ", c10::toString(dtype), " tensor of ", dim, " dimensions, dense within a row");
 }
 
+// Threads take (row, block of BLOCK positions) units, so that a few rows (SmolLM2's 9 heads at batch 1 on 2 threads)
+// still split evenly; fn(r, block, t0, t1) handles positions [t0, t1) of row r. Position sums (the values) are kept
+// per block and added by sum_blocks.
+constexpr int64_t BLOCK = 256;
+
+inline int64_t num_blocks(int64_t T) { return std::max<int64_t>(1, (T + BLOCK - 1) / BLOCK); }
+
+template <typename F>
+void for_row_blocks(int64_t R, int64_t T, const F& fn) {
+  const int64_t blocks = num_blocks(T);
+  at::parallel_for(0, R * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit % blocks;
+      fn(unit / blocks, b, b * BLOCK, std::min(T, (b + 1) * BLOCK));
+    }
+  });
+}
+
+// [R, blocks, Q, D] per-block sums -> [R, Q, D].
+inline at::Tensor sum_blocks(const at::Tensor& partial) { return partial.size(1) == 1 ? partial.select(1, 0) : partial.sum(1); }
+
 // q[0:D] . (codes - z) of one position: 8 bits, W = D codes; 4 bits, W = D / 2 bytes against q in split order. The
 // zero point is subtracted from each code before the product (small exact integers or a fractional 4-bit zero), so
 // no large q . codes and z * sum(q) cancel. W is a compile-time constant so the loop unrolls into whole vectors.
@@ -110,17 +131,14 @@ void score_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& 
   const float* zp = zero.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t ss = scale.stride(0), zs = zero.stride(0), cs = codes.stride(0), qs = q.stride(0);
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* qr = qp + r * qs;
-      const uint8_t* c = cp + r * cs;
-      const float* s = sp + r * ss;
-      const float* z = zp + r * zs;
-      for (int64_t i = 0; i < Q; ++i) {
-        const float* qi = qr + i * D;
-        float* o = op + (r * Q + i) * T;
-        for (int64_t t = 0; t < T; ++t) o[t] = s[t] * dot<W, BITS>(qi, c + t * W, z[t]);
-      }
+  for_row_blocks(R, T, [&](int64_t r, int64_t, int64_t t0, int64_t t1) {
+    const uint8_t* c = cp + r * cs;
+    const float* s = sp + r * ss;
+    const float* z = zp + r * zs;
+    for (int64_t i = 0; i < Q; ++i) {
+      const float* qi = qp + r * qs + i * D;
+      float* o = op + (r * Q + i) * T;
+      for (int64_t t = t0; t < t1; ++t) o[t] = s[t] * dot<W, BITS>(qi, c + t * W, z[t]);
     }
   });
 }
@@ -151,29 +169,28 @@ at::Tensor token_scores(const at::Tensor& q, const at::Tensor& codes, const at::
 }
 
 template <int64_t W, int64_t BITS>
-void value_rows(const at::Tensor& probs, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                at::Tensor& out) {
-  const int64_t R = probs.size(0), Q = probs.size(1), P = probs.size(2), T = codes.size(1), D = out.size(2);
+at::Tensor value_rows(const at::Tensor& probs, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
+                      int64_t D) {
+  const int64_t R = probs.size(0), Q = probs.size(1), P = probs.size(2), T = codes.size(1), blocks = num_blocks(T);
   const float* pp = probs.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* zp = zero.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  auto partial = at::empty({R, blocks, Q, D}, probs.options());
+  float* part = partial.data_ptr<float>();
   const int64_t ss = scale.stride(0), zs = zero.stride(0), cs = codes.stride(0), ps = probs.stride(0);
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[BITS == 8 ? W : 2 * W];
-    for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* c = cp + r * cs;
-      const float* s = sp + r * ss;
-      const float* z = zp + r * zs;
-      for (int64_t i = 0; i < Q; ++i) {
-        const float* p = pp + r * ps + i * P;
-        std::fill(acc, acc + D, 0.f);
-        for (int64_t t = 0; t < T; ++t) axpy<W, BITS>(acc, p[t] * s[t], c + t * W, z[t]);
-        std::copy(acc, acc + D, op + (r * Q + i) * D);
-      }
+  for_row_blocks(R, T, [&](int64_t r, int64_t b, int64_t t0, int64_t t1) {
+    const uint8_t* c = cp + r * cs;
+    const float* s = sp + r * ss;
+    const float* z = zp + r * zs;
+    for (int64_t i = 0; i < Q; ++i) {
+      const float* p = pp + r * ps + i * P;
+      float* acc = part + ((r * blocks + b) * Q + i) * D;
+      std::fill(acc, acc + D, 0.f);
+      for (int64_t t = t0; t < t1; ++t) axpy<W, BITS>(acc, p[t] * s[t], c + t * W, z[t]);
     }
   });
+  return sum_blocks(partial);
 }
 
 // out[r, i] = sum_t p[r, i, t] * s[r, t] * (codes[r, t] - z[r, t]) over t < codes.size(1), in float32.
@@ -190,15 +207,13 @@ at::Tensor token_values(const at::Tensor& probs, const at::Tensor& codes, const 
   TORCH_CHECK(codes.size(0) == R && W == (bits == 8 ? D : D / 2) && P >= T, "codes do not fit probs");
   TORCH_CHECK(scale.size(0) == R && zero.size(0) == R && scale.size(1) >= T && zero.size(1) >= T,
               "scale/zero do not fit codes");
-  auto out = at::empty({R, Q, D}, probs.options());
   switch (bits * 1000 + W) {
-    case 8064: value_rows<64, 8>(probs, codes, scale, zero, out); break;
-    case 8128: value_rows<128, 8>(probs, codes, scale, zero, out); break;
-    case 4032: value_rows<32, 4>(probs, codes, scale, zero, out); break;
-    case 4064: value_rows<64, 4>(probs, codes, scale, zero, out); break;
+    case 8064: return value_rows<64, 8>(probs, codes, scale, zero, D);
+    case 8128: return value_rows<128, 8>(probs, codes, scale, zero, D);
+    case 4032: return value_rows<32, 4>(probs, codes, scale, zero, D);
+    case 4064: return value_rows<64, 4>(probs, codes, scale, zero, D);
     default: TORCH_CHECK(false, "CPU cache kernels take head_dim 64 or 128, got ", D);
   }
-  return out;
 }
 
 // Natural-order float codes k[0:D] of one 4-bit position (byte j: channel 2j low nibble, 2j + 1 high), dequantized
@@ -231,83 +246,81 @@ void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor
   float* op = out.data_ptr<float>();
   const int64_t cs = codes.stride(0), gs = scale.size(1) * D, qs = q.stride(0), pst = positions.stride(0);
   const bool per_batch = cos.size(0) > 1;
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+  for_row_blocks(R, OT, [&](int64_t r, int64_t, int64_t t0, int64_t t1) {
     alignas(64) float k[D];
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / heads;
-      const float* table_c = cosp + (per_batch ? b * P * half : 0);
-      const float* table_s = sinp + (per_batch ? b * P * half : 0);
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t g = t / group;
-        const uint8_t* c = cp + r * cs + t * (D / 2);
-        const float* sc = sp + r * gs + g * D;
-        const float* nz = zp + r * gs + g * D;
-        const int64_t at_pos = std::max<int64_t>(pos[b * pst + t], 0);  // padding slots (-1): masked anyway
-        const float* cr = table_c + at_pos * half;
-        const float* sr = table_s + at_pos * half;
+    const int64_t b = r / heads;
+    const float* table_c = cosp + (per_batch ? b * P * half : 0);
+    const float* table_s = sinp + (per_batch ? b * P * half : 0);
+    for (int64_t t = t0; t < std::min(t1, T); ++t) {
+      const int64_t g = t / group;
+      const uint8_t* c = cp + r * cs + t * (D / 2);
+      const float* sc = sp + r * gs + g * D;
+      const float* nz = zp + r * gs + g * D;
+      const int64_t at_pos = std::max<int64_t>(pos[b * pst + t], 0);  // padding slots (-1): masked anyway
+      const float* cr = table_c + at_pos * half;
+      const float* sr = table_s + at_pos * half;
 #if defined(__AVX512BW__)
-        if constexpr (FULL_ROTARY) {  // the whole position in D / 16 registers; half = D / 2
-          constexpr int64_t V = D / 16, H = V / 2;
-          __m512 kv[V];
-          for (int64_t b0 = 0; b0 < D / 2; b0 += 32) {  // 32 bytes -> 64 channels in natural order
-            const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b0)));
-            const __m512i pairs = _mm512_or_si512(_mm512_and_si512(x, _mm512_set1_epi16(0x0F)),
-                                                  _mm512_slli_epi16(_mm512_srli_epi16(x, 4), 8));
-            const __m128i part[4] = {_mm512_extracti32x4_epi32(pairs, 0), _mm512_extracti32x4_epi32(pairs, 1),
-                                     _mm512_extracti32x4_epi32(pairs, 2), _mm512_extracti32x4_epi32(pairs, 3)};
-            for (int64_t j = 0; j < 4; ++j) {
-              const int64_t v = b0 / 8 + j;
-              kv[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[j])), _mm512_loadu_ps(sc + 16 * v),
-                                      _mm512_loadu_ps(nz + 16 * v));
-            }
+      if constexpr (FULL_ROTARY) {  // the whole position in D / 16 registers; half = D / 2
+        constexpr int64_t V = D / 16, H = V / 2;
+        __m512 kv[V];
+        for (int64_t b0 = 0; b0 < D / 2; b0 += 32) {  // 32 bytes -> 64 channels in natural order
+          const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b0)));
+          const __m512i pairs = _mm512_or_si512(_mm512_and_si512(x, _mm512_set1_epi16(0x0F)),
+                                                _mm512_slli_epi16(_mm512_srli_epi16(x, 4), 8));
+          const __m128i part[4] = {_mm512_extracti32x4_epi32(pairs, 0), _mm512_extracti32x4_epi32(pairs, 1),
+                                   _mm512_extracti32x4_epi32(pairs, 2), _mm512_extracti32x4_epi32(pairs, 3)};
+          for (int64_t j = 0; j < 4; ++j) {
+            const int64_t v = b0 / 8 + j;
+            kv[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[j])), _mm512_loadu_ps(sc + 16 * v),
+                                    _mm512_loadu_ps(nz + 16 * v));
           }
-          for (int64_t v = 0; v < H; ++v) {  // NeoX halves rotated by the position's angles
-            const __m512 cv = _mm512_loadu_ps(cr + 16 * v), sv = _mm512_loadu_ps(sr + 16 * v);
-            const __m512 lo = kv[v], hi = kv[v + H];
-            kv[v] = _mm512_fmsub_ps(lo, cv, _mm512_mul_ps(hi, sv));
-            kv[v + H] = _mm512_fmadd_ps(hi, cv, _mm512_mul_ps(lo, sv));
-          }
-          for (int64_t i = 0; i < Q; ++i) {
-            const float* qi = qp + r * qs + i * D;
-            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qi), kv[0]);
-            for (int64_t v = 1; v < V; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 16 * v), kv[v], acc);
-            op[(r * Q + i) * OT + t] = _mm512_reduce_add_ps(acc);
-          }
-          continue;
         }
-#endif
-        dequantize_grouped<D>(k, c, sc, nz);
-#pragma omp simd
-        for (int64_t i = 0; i < half; ++i) {  // NeoX halves: (k_i, k_{i+half}) rotated by the position's angle
-          const float lo = k[i], hi = k[i + half];
-          k[i] = lo * cr[i] - hi * sr[i];
-          k[i + half] = hi * cr[i] + lo * sr[i];
+        for (int64_t v = 0; v < H; ++v) {  // NeoX halves rotated by the position's angles
+          const __m512 cv = _mm512_loadu_ps(cr + 16 * v), sv = _mm512_loadu_ps(sr + 16 * v);
+          const __m512 lo = kv[v], hi = kv[v + H];
+          kv[v] = _mm512_fmsub_ps(lo, cv, _mm512_mul_ps(hi, sv));
+          kv[v + H] = _mm512_fmadd_ps(hi, cv, _mm512_mul_ps(lo, sv));
         }
         for (int64_t i = 0; i < Q; ++i) {
           const float* qi = qp + r * qs + i * D;
-          float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t d = 0; d < D; ++d) acc += qi[d] * k[d];
-          op[(r * Q + i) * OT + t] = acc;
+          __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qi), kv[0]);
+          for (int64_t v = 1; v < V; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 16 * v), kv[v], acc);
+          op[(r * Q + i) * OT + t] = _mm512_reduce_add_ps(acc);
         }
+        continue;
       }
-      for (int64_t t = 0; t < Tr; ++t) {  // the float residual (pre-RoPE, a partial group)
-        const float* src = rp + r * rs + t * D;
-        std::copy(src, src + D, k);
-        const int64_t at_pos = std::max<int64_t>(pos[b * pst + T + t], 0);
-        const float* cr = table_c + at_pos * half;
-        const float* sr = table_s + at_pos * half;
-        for (int64_t i = 0; i < half; ++i) {
-          const float lo = k[i], hi = k[i + half];
-          k[i] = lo * cr[i] - hi * sr[i];
-          k[i + half] = hi * cr[i] + lo * sr[i];
-        }
-        for (int64_t i = 0; i < Q; ++i) {
-          const float* qi = qp + r * qs + i * D;
-          float acc = 0.f;
-          for (int64_t d = 0; d < D; ++d) acc += qi[d] * k[d];
-          op[(r * Q + i) * OT + T + t] = acc;
-        }
+#endif
+      dequantize_grouped<D>(k, c, sc, nz);
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {  // NeoX halves: (k_i, k_{i+half}) rotated by the position's angle
+        const float lo = k[i], hi = k[i + half];
+        k[i] = lo * cr[i] - hi * sr[i];
+        k[i + half] = hi * cr[i] + lo * sr[i];
+      }
+      for (int64_t i = 0; i < Q; ++i) {
+        const float* qi = qp + r * qs + i * D;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += qi[d] * k[d];
+        op[(r * Q + i) * OT + t] = acc;
+      }
+    }
+    for (int64_t t = std::max(t0, T) - T; t < t1 - T; ++t) {  // the float residual (pre-RoPE, a partial group)
+      const float* src = rp + r * rs + t * D;
+      std::copy(src, src + D, k);
+      const int64_t at_pos = std::max<int64_t>(pos[b * pst + T + t], 0);
+      const float* cr = table_c + at_pos * half;
+      const float* sr = table_s + at_pos * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float lo = k[i], hi = k[i + half];
+        k[i] = lo * cr[i] - hi * sr[i];
+        k[i + half] = hi * cr[i] + lo * sr[i];
+      }
+      for (int64_t i = 0; i < Q; ++i) {
+        const float* qi = qp + r * qs + i * D;
+        float acc = 0.f;
+        for (int64_t d = 0; d < D; ++d) acc += qi[d] * k[d];
+        op[(r * Q + i) * OT + T + t] = acc;
       }
     }
   });
@@ -389,10 +402,7 @@ at::Tensor attend_grouped(const at::Tensor& q, const at::Tensor& codes, const at
 
 // Decode attention over a float32 layer: out[r, i] = softmax(q[r, i] . k[r, t] * scale + mask) weighted v[r, t],
 // q [R, Q, D], k and v [R, T, D] (rows may be strided views into a reserved buffer). One call instead of the ~8
-// tensor ops of the plain matmul attention. Threads take (row, block of BLOCK positions) pairs for both the scores
-// and the values, so a few heads still keep every thread busy; the value blocks' partial sums are added per row.
-constexpr int64_t BLOCK = 256;
-
+// tensor ops of the plain matmul attention, threads over (row, block of positions) as for the quantized layers.
 template <int64_t D>
 inline float dot_float(const float* __restrict__ q, const float* __restrict__ k) {
 #if defined(__AVX512F__)
@@ -414,67 +424,49 @@ inline float dot_float(const float* __restrict__ q, const float* __restrict__ k)
 template <int64_t D>
 at::Tensor attend_float_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const c10::optional<at::Tensor>& mask, double scale, int64_t heads) {
-  const int64_t R = q.size(0), Q = q.size(1), T = k.size(1), blocks = (T + BLOCK - 1) / BLOCK;
+  const int64_t R = q.size(0), Q = q.size(1), T = k.size(1), blocks = num_blocks(T);
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0);
   auto scores = at::empty({R, Q, T}, q.options());
   float* sp = scores.data_ptr<float>();
-  at::parallel_for(0, R * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t r = unit / blocks, t0 = unit % blocks * BLOCK, t1 = std::min(T, t0 + BLOCK);
-      for (int64_t i = 0; i < Q; ++i) {
-        const float* qi = qp + r * qs + i * D;
-        float* o = sp + (r * Q + i) * T;
-        for (int64_t t = t0; t < t1; ++t) o[t] = dot_float<D>(qi, kp + r * ks + t * D);
-      }
+  for_row_blocks(R, T, [&](int64_t r, int64_t, int64_t t0, int64_t t1) {
+    for (int64_t i = 0; i < Q; ++i) {
+      const float* qi = qp + r * qs + i * D;
+      float* o = sp + (r * Q + i) * T;
+      for (int64_t t = t0; t < t1; ++t) o[t] = dot_float<D>(qi, kp + r * ks + t * D);
     }
   });
   auto probs = probabilities(scores, scale, mask, heads);
   const float* pp = probs.data_ptr<float>();
   auto partial = at::empty({R, blocks, Q, D}, q.options());
   float* part = partial.data_ptr<float>();
-  at::parallel_for(0, R * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t r = unit / blocks, b = unit % blocks, t0 = b * BLOCK, t1 = std::min(T, t0 + BLOCK);
-      for (int64_t i = 0; i < Q; ++i) {
-        const float* p = pp + (r * Q + i) * T;
-        float* acc = part + ((r * blocks + b) * Q + i) * D;
+  for_row_blocks(R, T, [&](int64_t r, int64_t b, int64_t t0, int64_t t1) {
+    for (int64_t i = 0; i < Q; ++i) {
+      const float* p = pp + (r * Q + i) * T;
+      float* acc = part + ((r * blocks + b) * Q + i) * D;
 #if defined(__AVX512F__)
-        __m512 a[D / 16];
-        for (int64_t j = 0; j < D / 16; ++j) a[j] = _mm512_setzero_ps();
-        for (int64_t t = t0; t < t1; ++t) {
-          const __m512 w = _mm512_set1_ps(p[t]);
-          const float* vt = vp + r * vs + t * D;
-          for (int64_t j = 0; j < D / 16; ++j) a[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 16 * j), a[j]);
-        }
-        for (int64_t j = 0; j < D / 16; ++j) _mm512_storeu_ps(acc + 16 * j, a[j]);
-#else
-        std::fill(acc, acc + D, 0.f);
-        for (int64_t t = t0; t < t1; ++t) {
-          const float w = p[t];
-          const float* vt = vp + r * vs + t * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc[d] += w * vt[d];
-        }
-#endif
+      __m512 a[D / 16];
+      for (int64_t j = 0; j < D / 16; ++j) a[j] = _mm512_setzero_ps();
+      for (int64_t t = t0; t < t1; ++t) {
+        const __m512 w = _mm512_set1_ps(p[t]);
+        const float* vt = vp + r * vs + t * D;
+        for (int64_t j = 0; j < D / 16; ++j) a[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 16 * j), a[j]);
       }
+      for (int64_t j = 0; j < D / 16; ++j) _mm512_storeu_ps(acc + 16 * j, a[j]);
+#else
+      std::fill(acc, acc + D, 0.f);
+      for (int64_t t = t0; t < t1; ++t) {
+        const float w = p[t];
+        const float* vt = vp + r * vs + t * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * vt[d];
+      }
+#endif
     }
   });
-  auto out = at::empty({R, Q, D}, q.options());
-  float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t i = 0; i < Q; ++i) {
-      float* o = op + (r * Q + i) * D;
-      std::copy(part + (r * blocks * Q + i) * D, part + (r * blocks * Q + i) * D + D, o);
-      for (int64_t b = 1; b < blocks; ++b) {
-        const float* src = part + ((r * blocks + b) * Q + i) * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) o[d] += src[d];
-      }
-    }
-  return out;
+  return sum_blocks(partial);
 }
 
 // softmax(q . k * scale + mask) v over a float32 layer, [R, Q, D]; mask (optional) broadcasts to [B, heads, Q, T].
