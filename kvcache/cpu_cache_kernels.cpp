@@ -30,15 +30,17 @@ void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* n
 
 // Threads take (row, block of BLOCK positions) units, so that a few rows (SmolLM2's 9 heads at batch 1 on 2 threads)
 // still split evenly; fn(r, block, t0, t1) handles positions [t0, t1) of row r. Position sums (the values) are kept
-// per block and added by sum_blocks.
+// per block and added by sum_blocks. Below SERIAL_POSITIONS rows x positions one thread does it all: waking the
+// others costs more (9 heads x 16 positions: 9.4 us on 2 threads, 5.3 us on one).
 constexpr int64_t BLOCK = 256;
+constexpr int64_t SERIAL_POSITIONS = 2048;
 
 inline int64_t num_blocks(int64_t T) { return std::max<int64_t>(1, (T + BLOCK - 1) / BLOCK); }
 
 template <typename F>
 void for_row_blocks(int64_t R, int64_t T, const F& fn) {
-  const int64_t blocks = num_blocks(T);
-  at::parallel_for(0, R * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = num_blocks(T), units = R * blocks;
+  at::parallel_for(0, units, R * T < SERIAL_POSITIONS ? units : 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit % blocks;
       fn(unit / blocks, b, b * BLOCK, std::min(T, (b + 1) * BLOCK));

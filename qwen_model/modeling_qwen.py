@@ -92,7 +92,8 @@ class QWenAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.attn_dropout_prob)
         self.config = config
         # use_flash_attn: false = plain attention (`eager_attention`), as the original's non-flash path; true/"auto"
-        # = PyTorch's fused kernels (FlashAttention-2 / memory-efficient on CUDA, the flash kernel on CPU).
+        # = PyTorch's fused kernels (FlashAttention-2 / memory-efficient on CUDA, the flash kernel on CPU). Either way a
+        # decoded token over a float32 cache on CPU takes `attend_float_cpu` (the same softmax(q k^T) v in one call).
         self.eager = config.use_flash_attn is False
         self.sdpa_backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                               SDPBackend.MATH]
