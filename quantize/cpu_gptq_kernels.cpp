@@ -32,10 +32,11 @@ constexpr int64_t TILE = 512;
 // Software prefetch, this many row segments (one word's TILE columns, up to 2 KiB) ahead in the order the loops visit
 // them: down a tile's words, then the next tile, then the next group. In a model the attention between layers evicts
 // the weights, so they stream from memory, and the hardware prefetcher follows this 2-D walk poorly. Measured on the
-// 2-core Intel box against a fixed 1024 words ahead in the same row (the previous scheme): SmolLM2's 150 block layers
-// with a layer's KV cache read between them, Int4 / Int8 5.67 / 8.79 ms -> 5.69 / 7.71 (2, 4, 8, 16 segments: Int4
-// 5.74, 5.69, 5.22, 6.71; Int8 7.83, 7.71, 8.06, 8.64); Qwen-7B-shaped layers 1.17x -> 1.29x (Int4) and 1.43x ->
-// 1.60x (Int8) torch's int4pack in the same run.
+// 2-core Intel box by benchmarks/block_linears_speed.py (SmolLM2's block layers, a layer's KV cache read between
+// blocks): Int4 / Int8 8.04 / 11.93 ms a pass with a fixed 1024 words ahead in the same row (the previous scheme),
+// 7.27 / 10.30 with 4 segments (the kernel calls alone with 2, 4, 8, 16 segments: Int4 5.74, 5.69, 5.22, 6.71 ms;
+// Int8 7.83, 7.71, 8.06, 8.64); Qwen-7B-shaped layers 1.17x -> 1.29x (Int4) and 1.43x -> 1.60x (Int8) torch's
+// int4pack in the same run.
 constexpr int64_t PREFETCH = 4;
 
 // One thread's words [w0, w1) (a contiguous block of memory, so the hardware prefetcher streams it) for all rows of

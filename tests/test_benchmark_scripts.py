@@ -44,3 +44,12 @@ def test_quant_linear_quality_isolates_the_kernels(tiny_int4):
     # auto's prefill is the reference's weight and GEMM: bit-identical with the same head; int4pack rounds to bf16
     assert errors["auto"][1] == 0.0
     assert errors["int4pack"][1] > 1e-4
+
+
+def test_block_linears_speed(tiny_dir, tiny_int4):
+    out = run("block_linears_speed.py", tiny_dir, tiny_int4, "--context", 16, "--rounds", 2, "--threads", 1)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| /", f"| {tiny_dir}"))]
+    assert len(rows) == 2
+    (float_mb, *_), (int4_mb, *_) = [[float(c) for c in cells[1:5]] for cells in rows]
+    assert 3 < float_mb / int4_mb < 8  # float32 weights against 4-bit codes + float16 scales and the bias
+    assert rows[0][5].strip() == "1.00x" and float(rows[1][3]) > 0
