@@ -65,10 +65,11 @@ def supports(bits: int) -> bool:
 
 class CpuGptqWeight:
     """A GPTQ layer prepared for the kernels: the packed words (the checkpoint's own where it can), float16 scales and
-    true zero points [groups, out], word offsets of the groups, and the input gather for a repacked layout."""
+    true zero points [groups, out], word offsets of the groups, the input gather for a repacked layout, and the bias in
+    float32 (added to the float32 product, by the GEMV itself at decode)."""
 
     def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-                 bits: int, group_size: int, checkpoint_format: str, kernels=None):
+                 bits: int, group_size: int, checkpoint_format: str, kernels=None, bias: torch.Tensor | None = None):
         if bits not in BITS:
             raise ValueError(f"the CPU GPTQ kernels take bits {BITS}, got {bits}")
         self.kernels = kernels or load_kernels()
@@ -92,6 +93,7 @@ class CpuGptqWeight:
             laid[position] = unpack_rows(qweight, bits, self.in_features)[order]
             self.words = pack_rows(laid, bits)[:int(self.group_words[-1])].contiguous()
         self.padded_in = self.words.shape[0] * values
+        self.bias = None if bias is None else bias.float().contiguous()
         self.scales = scales.to(torch.float16).contiguous()
         self.zeros = unpack_zeros(qzeros, bits, self.out_features, checkpoint_format).to(torch.float16).contiguous()
         # prefill's chunks: group ranges [g0, g1) of at most CHUNK_BYTES of float32 weight (or one group), and for
@@ -119,7 +121,7 @@ class CpuGptqWeight:
         return self._dequantize(dtype, 0, self.scales.shape[0], 0, self.words.shape[0], self.group_words)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] (any float dtype, CPU) -> x @ W^T [..., out] in x's dtype."""
+        """x [..., in] (any float dtype, CPU) -> x @ W^T + bias [..., out] in x's dtype."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] < GEMV_ROWS:  # decode: a few microseconds of Python matter here, so no-op calls are skipped
@@ -127,7 +129,8 @@ class CpuGptqWeight:
                 x2 = x2.float()
             if self.gather is not None or self.padded_in != self.in_features:
                 x2 = self._inputs(x2)
-            y = self.kernels.gemv(x2.contiguous(), self.words, self.scales, self.zeros, self.group_words, self.bits)
+            y = self.kernels.gemv(x2.contiguous(), self.words, self.scales, self.zeros, self.group_words, self.bits,
+                                  self.bias)
         else:  # one GEMM per chunk of groups, summed in float32
             dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
             x2, values, y = self._inputs(x2.to(dtype)), 32 // self.bits, None
@@ -139,9 +142,12 @@ class CpuGptqWeight:
                     y.addmm_(xs, wt)
                 else:
                     y.add_(torch.mm(xs, wt))
+            if self.bias is not None:
+                y.add_(self.bias)
         return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*lead, self.out_features)
 
     def nbytes(self) -> int:
         """Bytes this object holds beyond the checkpoint's buffers (repacked words, float16 zeros, gather index)."""
-        extra = [self.zeros, self.group_words] + ([] if self.gather is None else [self.words, self.gather])
+        extra = [self.zeros, self.group_words] + ([] if self.gather is None else [self.words, self.gather]) + \
+            ([] if self.bias is None else [self.bias])
         return sum(t.numel() * t.element_size() for t in extra)

@@ -138,10 +138,11 @@ void gemv_words(const float* __restrict__ x, int64_t rows, int64_t x_stride, con
   }
 }
 
-// Threads take contiguous blocks of words (at least 16 each) into their own zeroed partial outputs, summed at the end.
+// Threads take contiguous blocks of words (at least 16 each) into their own zeroed partial outputs, summed at the end,
+// then the bias (float32 [N], optional) is added: the same single rounding as adding it to the finished product.
 template <int BITS>
 at::Tensor gemv_bits(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
-                     const at::Tensor& group_words) {
+                     const at::Tensor& group_words, const c10::optional<at::Tensor>& bias) {
   const int64_t n_words = words.size(0), n_total = words.size(1);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_words / 16));
   const int64_t size = x.size(0) * n_total;
@@ -159,6 +160,13 @@ at::Tensor gemv_bits(const at::Tensor& x, const at::Tensor& words, const at::Ten
   for (int64_t part = 1; part < parts; ++part) {  // a few thousand floats: no second parallel region
 #pragma omp simd
     for (int64_t i = 0; i < size; ++i) out[i] += out[part * size + i];
+  }
+  if (bias.has_value() && bias->defined()) {
+    const float* b = bias->data_ptr<float>();
+    for (int64_t m = 0; m < x.size(0); ++m) {
+#pragma omp simd
+      for (int64_t n = 0; n < n_total; ++n) out[m * n_total + n] += b[n];
+    }
   }
   return partial[0];
 }
@@ -181,15 +189,20 @@ void check_layer(const at::Tensor& words, const at::Tensor& scales, const at::Te
 
 }  // namespace
 
-// y [rows, N] float32 for x [rows, K] float32, K = 32 / bits * words (zero-padded past the layer's inputs).
+// y [rows, N] float32 for x [rows, K] float32, K = 32 / bits * words (zero-padded past the layer's inputs), plus the
+// optional float32 bias [N].
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
-                const at::Tensor& group_words, int64_t bits) {
+                const at::Tensor& group_words, int64_t bits, const c10::optional<at::Tensor>& bias) {
   check_layer(words, scales, zeros, group_words, bits);
   check(x, at::kFloat, 2, "x");
   TORCH_CHECK(x.size(1) == words.size(0) * (32 / bits), "x must have 32 / bits columns per word");
-  if (bits == 2) return gemv_bits<2>(x, words, scales, zeros, group_words);
-  if (bits == 4) return gemv_bits<4>(x, words, scales, zeros, group_words);
-  return gemv_bits<8>(x, words, scales, zeros, group_words);
+  if (bias.has_value() && bias->defined()) {
+    check(*bias, at::kFloat, 1, "bias");
+    TORCH_CHECK(bias->size(0) == words.size(1), "bias must have one value per output");
+  }
+  if (bits == 2) return gemv_bits<2>(x, words, scales, zeros, group_words, bias);
+  if (bits == 4) return gemv_bits<4>(x, words, scales, zeros, group_words, bias);
+  return gemv_bits<8>(x, words, scales, zeros, group_words, bias);
 }
 
 template <int BITS, typename T>
@@ -280,7 +293,7 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& w) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "x @ W^T for a few rows of float32 x, W read from packed GPTQ words");
+  m.def("gemv", &gemv, "x @ W^T + bias for a few rows of float32 x, W read from packed GPTQ words");
   m.def("dequantize", &dequantize, "W^T from packed GPTQ words, float32 or bfloat16");
   m.def("half_linear", &half_linear, "x @ w^T for float32 x and a float16 weight, in float32");
 #if defined(__AVX512F__)

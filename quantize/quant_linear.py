@@ -162,7 +162,8 @@ class QuantLinear(nn.Module):
         """The weight prepared for this package's CPU kernels (built once from the buffers, then cached)."""
         if "cpu" not in self._prepared:
             self._prepared["cpu"] = cpu_gptq.CpuGptqWeight(self.qweight, self.qzeros, self.scales, self.g_idx,
-                                                           self.bits, self.group_size, self.checkpoint_format)
+                                                           self.bits, self.group_size, self.checkpoint_format,
+                                                           bias=self.bias)
         return self._prepared["cpu"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ class QuantLinear(nn.Module):
             y = dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                self.checkpoint_format)
         elif kernel == "cpu":
-            y = self.cpu_weight().matmul(x)
+            return self.cpu_weight().matmul(x)  # the bias included
         elif kernel == "int4pack":
             y = self.int4pack_weight().matmul(x)
         else:
