@@ -53,3 +53,10 @@ def test_block_linears_speed(tiny_dir, tiny_int4):
     (float_mb, *_), (int4_mb, *_) = [[float(c) for c in cells[1:5]] for cells in rows]
     assert 3 < float_mb / int4_mb < 8  # float32 weights against 4-bit codes + float16 scales and the bias
     assert rows[0][5].strip() == "1.00x" and float(rows[1][3]) > 0
+
+
+def test_decode_attention_speed():
+    out = run("decode_attention_speed.py", "--contexts", 16, 300, "--layers", 2, "--rounds", 1, "--threads", 1)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| 16 ", "| 300 "))]
+    assert [r[1].strip() for r in rows[:3]] == ["fused (attend_float)", "matmul (eager_attention)", "SDPA"]
+    assert len(rows) == 6 and all(float(r[2]) > 0 for r in rows) and rows[1][4].strip() == "1.00x"

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from qwen_model.configuration_qwen import QWenConfig
-from qwen_model.modeling_qwen import QWenLMHeadModel, ntk_alpha
+from qwen_model.modeling_qwen import QWenLMHeadModel, RMSNorm, ntk_alpha
 
 PROMPT = "The quick brown fox jumps over the lazy dog near the river bank"
 
@@ -204,3 +204,20 @@ def test_bad_inputs(tiny_dir, tiny_model, tmp_path):
     (broken / "config.json").write_text('{"model_type": "qwen", "hidden_size": -4}')
     with pytest.raises(ValueError, match="hidden_size"):
         QWenConfig.from_pretrained(broken)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 7, 64), (3, 130, 128)])
+def test_rms_norm_fast_path_is_the_original_formula(shape):
+    """float32 RMSNorm runs as F.rms_norm (one op); it must stay bit-identical to the original's composite formula,
+    which bfloat16/float16 inputs still take."""
+    g = torch.Generator().manual_seed(shape[-1])
+    norm = RMSNorm(shape[-1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+    x = torch.randn(shape, generator=g) * 3
+    x[0, 0] = 0.0  # an all-zero row: eps alone in the denominator
+    composite = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)) * norm.weight
+    assert torch.equal(norm(x), composite)
+    xb = x.bfloat16()  # the composite path itself: normalized in float32, rounded to the input's dtype, then scaled
+    want = (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * norm.weight
+    assert torch.equal(norm(xb), want)
