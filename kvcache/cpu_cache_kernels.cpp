@@ -229,6 +229,26 @@ inline void dequantize_grouped(float* __restrict__ k, const uint8_t* __restrict_
   }
 }
 
+// Rotates a key k[0:D] in place by its position's angles (NeoX halves: (k_i, k_{i+half}) for i < half, the rest
+// passed through), then writes q[i] . k to out[i * stride] for each of the Q queries q [Q, D].
+template <int64_t D>
+inline void rotate_and_score(float* __restrict__ k, const float* cr, const float* sr, int64_t half, const float* q,
+                             int64_t Q, float* out, int64_t stride) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float lo = k[i], hi = k[i + half];
+    k[i] = lo * cr[i] - hi * sr[i];
+    k[i + half] = hi * cr[i] + lo * sr[i];
+  }
+  for (int64_t i = 0; i < Q; ++i) {
+    const float* qi = q + i * D;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < D; ++d) acc += qi[d] * k[d];
+    out[i * stride] = acc;
+  }
+}
+
 template <int64_t D, bool FULL_ROTARY>
 void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& nzs,
                   const at::Tensor& residual,
@@ -293,37 +313,14 @@ void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor
       }
 #endif
       dequantize_grouped<D>(k, c, sc, nz);
-#pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {  // NeoX halves: (k_i, k_{i+half}) rotated by the position's angle
-        const float lo = k[i], hi = k[i + half];
-        k[i] = lo * cr[i] - hi * sr[i];
-        k[i + half] = hi * cr[i] + lo * sr[i];
-      }
-      for (int64_t i = 0; i < Q; ++i) {
-        const float* qi = qp + r * qs + i * D;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < D; ++d) acc += qi[d] * k[d];
-        op[(r * Q + i) * OT + t] = acc;
-      }
+      rotate_and_score<D>(k, cr, sr, half, qp + r * qs, Q, op + r * Q * OT + t, OT);
     }
     for (int64_t t = std::max(t0, T) - T; t < t1 - T; ++t) {  // the float residual (pre-RoPE, a partial group)
       const float* src = rp + r * rs + t * D;
       std::copy(src, src + D, k);
       const int64_t at_pos = std::max<int64_t>(pos[b * pst + T + t], 0);
-      const float* cr = table_c + at_pos * half;
-      const float* sr = table_s + at_pos * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const float lo = k[i], hi = k[i + half];
-        k[i] = lo * cr[i] - hi * sr[i];
-        k[i + half] = hi * cr[i] + lo * sr[i];
-      }
-      for (int64_t i = 0; i < Q; ++i) {
-        const float* qi = qp + r * qs + i * D;
-        float acc = 0.f;
-        for (int64_t d = 0; d < D; ++d) acc += qi[d] * k[d];
-        op[(r * Q + i) * OT + T + t] = acc;
-      }
+      rotate_and_score<D>(k, table_c + at_pos * half, table_s + at_pos * half, half, qp + r * qs, Q,
+                          op + r * Q * OT + T + t, OT);
     }
   });
 }
