@@ -147,7 +147,8 @@ class CpuGptqWeight:
         return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*lead, self.out_features)
 
     def nbytes(self) -> int:
-        """Bytes this object holds beyond the checkpoint's buffers (repacked words, float16 zeros, gather index)."""
+        """Bytes this object holds beyond the checkpoint's buffers (repacked words, float16 zeros, gather index, float32
+        bias)."""
         extra = [self.zeros, self.group_words] + ([] if self.gather is None else [self.words, self.gather]) + \
             ([] if self.bias is None else [self.bias])
         return sum(t.numel() * t.element_size() for t in extra)
