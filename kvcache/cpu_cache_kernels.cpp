@@ -49,7 +49,9 @@ void for_row_blocks(int64_t R, int64_t T, const F& fn) {
 }
 
 // [R, blocks, Q, D] per-block sums -> [R, Q, D].
-inline at::Tensor sum_blocks(const at::Tensor& partial) { return partial.size(1) == 1 ? partial.select(1, 0) : partial.sum(1); }
+inline at::Tensor sum_blocks(const at::Tensor& partial) {
+  return partial.size(1) == 1 ? partial.select(1, 0) : partial.sum(1);
+}
 
 // q[0:D] . (codes - z) of one position: 8 bits, W = D codes; 4 bits, W = D / 2 bytes against q in split order. The
 // zero point is subtracted from each code before the product (small exact integers or a fractional 4-bit zero), so

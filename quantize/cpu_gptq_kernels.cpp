@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -39,6 +40,25 @@ constexpr int64_t TILE = 512;
 // int4pack in the same run.
 constexpr int64_t PREFETCH = 4;
 
+// The row segment PREFETCH steps after (group g, tile c0, word) in gemv_words' visit order over words [w0, w1): down
+// the tile's words, then the next tile, then the next group holding some of those words. (offset in words, width);
+// width 0 past the end.
+inline std::pair<int64_t, int64_t> segment_ahead(int64_t g, int64_t c0, int64_t word, const int64_t* group_words,
+                                                 int64_t n_groups, int64_t n_total, int64_t w0, int64_t w1) {
+  for (int64_t step = 0; step < PREFETCH; ++step) {
+    if (++word < std::min(w1, group_words[g + 1])) continue;
+    c0 += TILE;
+    if (c0 >= n_total) {
+      c0 = 0;
+      do ++g;
+      while (g < n_groups && std::max(w0, group_words[g]) >= std::min(w1, group_words[g + 1]));
+      if (g >= n_groups) return {0, 0};
+    }
+    word = std::max(w0, group_words[g]);
+  }
+  return {word * n_total + c0, std::min(TILE, n_total - c0)};
+}
+
 // One thread's words [w0, w1) (a contiguous block of memory, so the hardware prefetcher streams it) for all rows of
 // x, adding into y [rows, N]. Within each group, column tiles of TILE: acc holds rows x TILE sums x . codes, the
 // codes of a word converted once and applied to every row; at the end of the group's words y takes
@@ -57,17 +77,6 @@ void gemv_words(const float* __restrict__ x, int64_t rows, int64_t x_stride, con
   const __m512 table = _mm512_load_ps(table_values);  // code -> float by permute: the low 4 bits index it
   const __m512i mask = _mm512_set1_epi32(MASK);
 #endif
-  std::vector<int64_t> segments;  // each word row segment's offset in words, in visit order, for the prefetch
-  std::vector<int64_t> widths;
-  for (int64_t g = 0; g < n_groups; ++g)
-    for (int64_t c0 = 0; c0 < n_total; c0 += TILE)
-      for (int64_t word = std::max(w0, group_words[g]); word < std::min(w1, group_words[g + 1]); ++word) {
-        segments.push_back(word * n_total + c0);
-        widths.push_back(std::min(TILE, n_total - c0));
-      }
-  segments.push_back(0);
-  widths.push_back(0);
-  int64_t visit = 0;
   for (int64_t g = 0; g < n_groups; ++g) {
     const int64_t first = std::max(w0, group_words[g]), last = std::min(w1, group_words[g + 1]);
     if (first >= last) continue;
@@ -79,12 +88,12 @@ void gemv_words(const float* __restrict__ x, int64_t rows, int64_t x_stride, con
     for (int64_t c0 = 0; c0 < n_total; c0 += TILE) {
       const int64_t width = std::min(TILE, n_total - c0);
       std::fill(acc, acc + rows * TILE, 0.f);
-      for (int64_t word = first; word < last; ++word, ++visit) {
+      for (int64_t word = first; word < last; ++word) {
         const uint32_t* __restrict__ w = words + word * n_total + c0;
         const float* xk = x + word * VALUES;
-        const int64_t ahead = std::min<int64_t>(visit + PREFETCH, segments.size() - 1);
-        const uint32_t* next = words + segments[ahead];
-        const int64_t next_width = widths[ahead];
+        const auto [next_offset, next_width] =
+            segment_ahead(g, c0, word, group_words, n_groups, n_total, w0, w1);
+        const uint32_t* next = words + next_offset;
 #if defined(__AVX512F__)
         for (int64_t c = 0; c < width; c += 16) {
           const __mmask16 live = width - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (width - c)) - 1);
