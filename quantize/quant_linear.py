@@ -38,6 +38,7 @@ except ImportError:  # Triton is an optional extra
 # kept) and runs a GEMM instead; measured on the 2-core box at 1024 rows, that beats the int4pack kernel (2x for 8
 # bits, whose two nibble planes double the kernel's work), while one-token decode is where int4pack wins.
 PREFILL_ROWS = 64
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 _logged = set()
 
@@ -74,7 +75,9 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.checkpoint_format = checkpoint_format
         self.kernel = kernel
-        self._prepared = {}  # kernel name -> its weight, built at the first CPU forward (not in state_dict)
+        # kernel name -> its weight, built at the first CPU forward (not in state_dict); ("forward", kernel setting)
+        # -> the CPU weight forward chose for CPU float inputs
+        self._prepared = {}
         n_groups = num_groups(in_features, group_size)
         gs = check_group_size(group_size, in_features)
         self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32))
@@ -129,7 +132,7 @@ class QuantLinear(nn.Module):
 
     def kernel_for(self, x: torch.Tensor) -> str:
         """The kernel forward uses for input x: "triton", "cpu", "int4pack" or "torch"."""
-        floating = x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        floating = x.dtype in _FLOATS
         if self.kernel == "triton" or (self.kernel == "auto" and dequant_matmul is not None and x.is_cuda
                                        and self.bits in KERNEL_BITS and floating):
             return "triton"
@@ -167,13 +170,19 @@ class QuantLinear(nn.Module):
         return self._prepared["cpu"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chosen = self._prepared.get(("forward", self.kernel))
+        if chosen is not None and x.device.type == "cpu" and x.dtype in _FLOATS:
+            # kernel_for chose "cpu" for a CPU float input under this `kernel` setting before, and would again: skip
+            # it (a decode step's ~150 calls each pay its microseconds)
+            return chosen.matmul(x)
         kernel = self.kernel_for(x)
         _log_once("QuantLinear: %d-bit layers run on the %s kernel (kernel=%r)", self.bits, kernel, self.kernel)
         if kernel == "triton":
             y = dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                self.checkpoint_format)
         elif kernel == "cpu":
-            return self.cpu_weight().matmul(x)  # the bias included
+            chosen = self._prepared[("forward", self.kernel)] = self.cpu_weight()
+            return chosen.matmul(x)  # the bias included
         elif kernel == "int4pack":
             y = self.int4pack_weight().matmul(x)
         else:

@@ -186,6 +186,20 @@ def test_state_dict_and_reload(tmp_path):
     assert_close(fast(x), other_ref(x))
 
 
+def test_kernel_setting_changed_after_a_forward():
+    """forward remembers its CPU choice per `kernel` setting: set to "torch" afterwards, the layer runs the reference
+    path (bit-identical to a fresh kernel="torch" layer), and back on "cpu" the kernels again."""
+    res = solved(48, 96, 4, 32, seed=8)
+    ref = reference(res, 4, 32)
+    layer = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, None, 4, 32, kernel="cpu")
+    x = torch.randn(1, 96)
+    fast = layer(x)
+    layer.kernel = "torch"
+    assert torch.equal(layer(x), ref(x)) and not torch.equal(fast, ref(x))
+    layer.kernel = "cpu"
+    assert torch.equal(layer(x), fast)
+
+
 @pytest.fixture(scope="module", params=[4, 8])
 def cli_checkpoint(request, tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"int{request.param}") / "ckpt"

@@ -67,6 +67,28 @@ def flat(states):
     return out
 
 
+def test_reserved_layer_decode_appends_in_place_and_falls_back_when_anything_changed():
+    """The decode fast path writes after the filled positions without reallocating; states the caller replaced, or
+    new states of another shape or dtype, or a full reservation take the general path, still as torch.cat would."""
+    cache = ReservedCache(capacity=8)
+    (k0, v0), (k1, v1), (k2, v2) = steps(lengths=(5, 1, 1))
+    cache.update(k0, v0, 0)
+    buffer = cache.layers[0]._buffers["keys"].data_ptr()
+    keys, values = cache.update(k1, v1, 0)
+    assert keys.data_ptr() == buffer and torch.equal(values, torch.cat([v0, v1], -2))
+    layer = cache.layers[0]
+    layer.keys = layer.keys.clone()  # replaced by the caller: copied into the buffer, not ignored
+    layer.keys[..., 0, :] = 7.0
+    keys, _ = cache.update(k2, v2, 0)
+    assert torch.equal(keys[..., 0, :], torch.full_like(k2[..., 0, :], 7.0)) and keys.shape[-2] == 7
+    with pytest.raises(RuntimeError):  # another head count cannot be appended to these states
+        cache.update(torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8), 0)
+    keys, values = cache.update(*steps(lengths=(2,), seed=4)[0], 0)  # past the 8 reserved: grows exactly
+    assert keys.shape[-2] == 9 and keys.data_ptr() != buffer
+    wide = torch.zeros(2, 3, 1, 8, dtype=torch.float64)
+    keys, _ = cache.update(wide, wide, 0)  # another dtype: the general path's new buffer, not a silent cast
+    assert keys.dtype == torch.float64 and keys.shape[-2] == 10
+
 @pytest.mark.parametrize("bits,layout", ((8, "token"), (4, "token"), (4, "channel_groups")))
 def test_reserved_quantized_cache_matches_unreserved(bits, layout):
     reserved = QuantizedKVCache(bits=bits, key_layout=layout, capacity=160)
