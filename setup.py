@@ -14,6 +14,7 @@ setup(
     package_data={
         "kvcache": ["*.cu", "*.cpp"],
         "quantize": ["*.cpp"],
+        "qwen_model": ["*.cpp"],
         "calib_data": ["*.json", "*.txt"],
     },
     install_requires=[

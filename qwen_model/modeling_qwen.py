@@ -25,6 +25,7 @@ from kvcache.quantized_attention import quantized_attention
 from kvcache.quantized_cache import QuantizedKVCache, QuantizedKVLayer
 from kvcache.reserved import ReservedCache
 from kvcache.rotary import apply_rotary_pos_emb, cos_sin_at, rotary_inv_freq
+from qwen_model.cpu_decode_ops import qkv_heads_cpu, rms_norm_cpu
 
 from .configuration_qwen import QWenConfig
 from .qwen_generation_utils import DEFAULT_SYSTEM, decode_tokens, get_stop_words_ids, make_context
@@ -61,6 +62,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        decode = rms_norm_cpu(x, self.weight, self.eps)  # a few float32 rows on CPU: one call
+        if decode is not None:
+            return decode
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same arithmetic in one fused op
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
@@ -102,13 +106,18 @@ class QWenAttention(nn.Module):
         """`rotary_pos_emb` is `(cos, sin, inv_freq, key_positions)` from `QWenModel.forward`; the last two let a
         quantized cache keep keys before the rotary (its `"channel_groups"` layout) and rotate them when read."""
         b, s, _ = hidden_states.shape
-        # queries and keys side by side as 2 * heads heads, rotated in one go (a decode step pays per tensor op)
-        query_key, value = self.c_attn(hidden_states).split((2 * self.projection_size, self.projection_size), dim=2)
-        query_key = query_key.view(b, s, 2 * self.num_heads, -1).transpose(1, 2)
-        value = value.view(b, s, self.num_heads, -1).transpose(1, 2)
+        qkv = self.c_attn(hidden_states)
         cos, sin, inv_freq, key_positions = rotary_pos_emb
-        rotated = apply_rotary_pos_emb(query_key, cos, sin)
-        query, key, raw_key = rotated[:, :self.num_heads], rotated[:, self.num_heads:], query_key[:, self.num_heads:]
+        heads = qkv_heads_cpu(qkv, cos, sin, self.num_heads)  # a decoded token on CPU: one call, the same values
+        if heads is not None:
+            query, key, value, raw_key = heads
+        else:  # queries and keys side by side as 2 * heads heads, rotated in one go
+            query_key, value = qkv.split((2 * self.projection_size, self.projection_size), dim=2)
+            query_key = query_key.view(b, s, 2 * self.num_heads, -1).transpose(1, 2)
+            value = value.view(b, s, self.num_heads, -1).transpose(1, 2)
+            rotated = apply_rotary_pos_emb(query_key, cos, sin)
+            query, key = rotated[:, :self.num_heads], rotated[:, self.num_heads:]
+            raw_key = query_key[:, self.num_heads:]
         if logn_scale is not None:
             query = query * logn_scale.type_as(query)
         scale = 1.0 / math.sqrt(value.shape[-1]) if self.scale_attn_weights else 1.0
