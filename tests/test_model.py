@@ -145,6 +145,44 @@ def test_eager_attention_matches_sdpa(tiny_model, qwen_tokenizer):
     torch.testing.assert_close(half.double(), ref, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("past", [0, 37])
+def test_eager_attention_in_query_chunks(past):
+    """More than QUERY_CHUNK queries on CPU: chunks give each row's arithmetic unchanged (bit-identical to one piece,
+    with a padding mask too); causal=True skips keys after a chunk's last query (never reads them), equal to float32
+    rounding, also after `past` cached positions."""
+    from qwen_model import modeling_qwen as mq
+
+    q_len = mq.QUERY_CHUNK * 2 + 21
+    g = torch.Generator().manual_seed(past)
+    q = torch.randn(2, 3, q_len, 16, generator=g)
+    k, v = (torch.randn(2, 3, past + q_len, 16, generator=g) for _ in range(2))
+    allowed = torch.ones(q_len, past + q_len, dtype=torch.bool).tril(past)
+    causal = torch.zeros(1, 1, q_len, past + q_len).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    padded = causal.repeat(2, 1, 1, 1)
+    padded[1, ..., :5] = torch.finfo(torch.float32).min
+    for mask in (causal, padded):
+        assert torch.equal(mq.eager_attention(q, k, v, mask, 0.25), mq._attend(q, k, v, mask, 0.25))
+    got = mq.eager_attention(q, k, v, causal, 0.25, causal=True)
+    torch.testing.assert_close(got, mq._attend(q, k, v, causal, 0.25), rtol=1e-5, atol=1e-6)
+    k[..., -1, :] = float("nan")  # seen by the last query only: the earlier chunks never read it
+    assert mq.eager_attention(q, k, v, causal, 0.25, causal=True)[..., :2 * mq.QUERY_CHUNK, :].isfinite().all()
+    assert mq._attend(q, k, v, causal, 0.25).isnan().all()
+
+
+def test_eager_chunked_prefill_matches_sdpa(tiny_model):
+    """A 300-token prefill (three query chunks; causal without padding, whole rows with it): the plain-attention
+    model's logits match SDPA's at every real token."""
+    ids = torch.randint(0, 150000, (2, 300), generator=torch.Generator().manual_seed(5))
+    fused = _variant(tiny_model, use_flash_attn=True)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    with torch.no_grad():
+        for m in (None, mask):
+            keep = torch.ones_like(ids, dtype=torch.bool) if m is None else m.bool()
+            torch.testing.assert_close(tiny_model(ids, attention_mask=m).logits[keep],
+                                       fused(ids, attention_mask=m).logits[keep], rtol=1e-4, atol=1e-4)
+
+
 def test_logn_scaling_only_past_seq_length(tiny_model):
     seq = tiny_model.config.seq_length
     ids = torch.randint(0, 150000, (1, seq + 30), generator=torch.Generator().manual_seed(0))
