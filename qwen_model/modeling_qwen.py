@@ -165,8 +165,12 @@ class QWenAttention(nn.Module):
             # A prefill chunk attends to its own keys/values in full precision and to earlier ones through the
             # quantized cache; "chunk" granularity keeps the original release's all-quantized arithmetic.
             fresh = (key, value) if s > 1 and self.config.cache_granularity == "token" else None
-            out = quantized_attention(query, layer_past, attention_mask, scale, backend=backend, fresh=fresh,
-                                      inv_freq=inv_freq)
+            if fresh is not None and attention_mask is not None and attention_mask.shape[-1] == s:
+                # nothing was cached before this chunk (a first prefill): only its own float keys/values count
+                out = eager_attention(query, key, value, attention_mask, scale, causal=causal)
+            else:
+                out = quantized_attention(query, layer_past, attention_mask, scale, backend=backend, fresh=fresh,
+                                          inv_freq=inv_freq)
         elif fused is not None:  # a decoded token on CPU: one kernel call, whatever use_flash_attn says
             out = fused
         elif self.eager and not self.training:

@@ -98,6 +98,22 @@ def test_batch_left_padding_matches_one_by_one(qmodel, qwen_tokenizer):
         assert out[i, -12:].tolist() == single[0, -12:].tolist(), text
 
 
+@pytest.mark.parametrize("bits,layout", ((8, "token"), (4, "channel_groups")))
+def test_first_prefill_is_the_float_models(tiny_dir, tiny_model, bits, layout):
+    """With token granularity a first prefill attends only to its own float keys/values: its logits are the float
+    model's bit for bit (the same plain attention, here three query chunks, with and without left padding), while
+    chunk granularity still attends through the quantized cache."""
+    ids = torch.randint(5, 150000, (2, 300), generator=torch.Generator().manual_seed(bits))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    model = load(tiny_dir, use_cache_quantization=True, cache_bits=bits, cache_key_layout=layout)
+    chunked = load(tiny_dir, use_cache_quantization=True, cache_granularity="chunk")
+    for m in (None, mask):
+        want = tiny_model(ids, attention_mask=m, use_cache=True).logits
+        assert torch.equal(model(ids, attention_mask=m, use_cache=True).logits, want)
+        assert not torch.equal(chunked(ids, attention_mask=m, use_cache=True).logits, want)
+
+
 def relative_error(got, reference):
     """||got - reference|| / ||reference - mean(reference)||: logit error relative to the logits' spread."""
     return ((got - reference).norm() / (reference - reference.mean()).norm()).item()
