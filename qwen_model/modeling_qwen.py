@@ -127,7 +127,7 @@ class QWenAttention(nn.Module):
     def forward(self, hidden_states, rotary_pos_emb, attention_mask=None, cache=None, logn_scale=None, causal=False):
         """`rotary_pos_emb` is `(cos, sin, inv_freq, key_positions)` from `QWenModel.forward`; the last two let a
         quantized cache keep keys before the rotary (its `"channel_groups"` layout) and rotate them when read.
-        `causal`: `attention_mask` holds nothing but causality (no padding), which lets the plain attention skip keys."""
+        `causal`: `attention_mask` holds nothing but causality (no padding): the plain attention may skip keys."""
         b, s, _ = hidden_states.shape
         qkv = self.c_attn(hidden_states)
         cos, sin, inv_freq, key_positions = rotary_pos_emb
