@@ -60,3 +60,13 @@ def test_decode_attention_speed():
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| 16 ", "| 300 "))]
     assert [r[1].strip() for r in rows[:3]] == ["fused (attend_float)", "matmul (eager_attention)", "SDPA"]
     assert len(rows) == 6 and all(float(r[2]) > 0 for r in rows) and rows[1][4].strip() == "1.00x"
+
+
+def test_prefill_speed(tiny_dir, tiny_int4):
+    out = run("prefill_speed.py", tiny_dir, tiny_int4, "--context", 40, "--rounds", 2, "--threads", 1)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| /", f"| {tiny_dir}"))]
+    assert len(rows) == 2
+    for cells in rows:
+        median, low, high, rate = (float(c) for c in cells[1:5])
+        assert 0 < low <= median <= high and abs(rate - 40 / (median / 1e3)) < 0.02 * rate
+    assert rows[0][5].strip() == "1.00x" and rows[1][5].strip().endswith("x")
