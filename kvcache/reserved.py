@@ -27,7 +27,7 @@ def append(buffer: torch.Tensor | None, filled: torch.Tensor | None, new: torch.
     in_place = (buffer is not None and old > 0 and filled.data_ptr() == buffer.data_ptr()
                 and filled.stride() == buffer.stride() and buffer.shape[dim] >= needed
                 and buffer.dtype == new.dtype and buffer.device == new.device
-                and all(buffer.shape[i] == new.shape[i] for i in range(new.dim()) if i != dim))
+                and buffer.shape[:dim] == new.shape[:dim] and buffer.shape[dim + 1:] == new.shape[dim + 1:])
     if not in_place:
         size = list(new.shape)
         size[dim] = max(capacity, needed)
