@@ -486,58 +486,98 @@ at::Tensor attend_float(const at::Tensor& q, const at::Tensor& k, const at::Tens
   }
 }
 
-// Per-row asymmetric quantization of float32 states [N, D] with round to nearest (even), the arithmetic of
+// Per-row asymmetric quantization of one float32 row of D values with round to nearest (even), the arithmetic of
 // kvcache.quantize_cache._quantize_token for float32 step by step (so the codes, scales and zeros are bit-identical):
 // 8 bits widen the range to contain 0 and round the zero point onto the grid; 4 bits keep the plain min/max grid
 // with a fractional zero point and pack two codes per byte (even channel low). Constant rows store scale |c| (1 for
-// zeros) and a zero point one below the codes for negative c. Returns (codes, scale [N, 1], zero [N, 1], finite).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> quantize_token(const at::Tensor& x, int64_t bits, double qmin_d,
-                                                                    double qmax_d) {
+// zeros) and a zero point one below the codes for negative c. Returns whether the row was finite.
+bool quantize_row(const float* row, int64_t D, int64_t bits, float qmin, float qmax, uint8_t* out, float* scale,
+                  float* zero) {
+  const float levels = qmax - qmin;
+  bool finite = true;
+  float fmin = row[0], fmax = row[0];
+  for (int64_t d = 0; d < D; ++d) {
+    finite = finite && std::isfinite(row[d]);
+    fmin = std::min(fmin, row[d]);
+    fmax = std::max(fmax, row[d]);
+  }
+  const float lo = bits == 8 ? std::min(fmin, 0.f) : fmin, hi = bits == 8 ? std::max(fmax, 0.f) : fmax;
+  const bool constant = fmax == fmin;
+  float s = (hi - lo) / levels;
+  float z = qmin - lo / (constant ? 1.f : s);
+  if (bits == 8) z = std::min(std::max(std::nearbyint(z), qmin), qmax);
+  if (constant) {
+    const float abs_c = std::fabs(fmax);
+    s = abs_c > 0.f ? abs_c : 1.f;
+    z = fmax < 0.f ? qmin + 1.f : qmin;
+  }
+  *scale = s;
+  *zero = z;
+  auto code = [&](float v) { return static_cast<uint8_t>(std::min(std::max(std::nearbyint(v / s + z), qmin), qmax)); };
+  if (bits == 8) {
+    for (int64_t d = 0; d < D; ++d) out[d] = code(row[d]);
+  } else {
+    for (int64_t j = 0; j < D / 2; ++j) out[j] = static_cast<uint8_t>(code(row[2 * j]) | (code(row[2 * j + 1]) << 4));
+  }
+  return finite;
+}
+
+void check_bits_and_dim(int64_t bits, int64_t D) {
+  TORCH_CHECK(bits == 8 || (bits == 4 && D % 2 == 0), "bits must be 8, or 4 with an even head_dim");
+}
+
+// quantize_row over float32 states [N, D]: (codes [N, D or D / 2], scale [N, 1], zero [N, 1], finite).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> quantize_token(const at::Tensor& x, int64_t bits, double qmin,
+                                                                    double qmax) {
   check(x, at::kFloat, 2, "x");
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
-  TORCH_CHECK(bits == 8 || (bits == 4 && x.size(1) % 2 == 0), "bits must be 8, or 4 with an even head_dim");
   const int64_t N = x.size(0), D = x.size(1), W = bits == 8 ? D : D / 2;
-  const float qmin = static_cast<float>(qmin_d), qmax = static_cast<float>(qmax_d);
-  const float levels = static_cast<float>(qmax_d - qmin_d);
+  check_bits_and_dim(bits, D);
   auto codes = at::empty({N, W}, x.options().dtype(at::kByte));
   auto scale = at::empty({N, 1}, x.options());
   auto zero = at::empty({N, 1}, x.options());
-  const float* xp = x.data_ptr<float>();
-  uint8_t* cp = codes.data_ptr<uint8_t>();
-  float* sp = scale.data_ptr<float>();
-  float* zp = zero.data_ptr<float>();
   bool finite = true;
-  for (int64_t n = 0; n < N; ++n) {
-    const float* row = xp + n * D;
-    float fmin = row[0], fmax = row[0];
-    for (int64_t d = 0; d < D; ++d) {
-      finite = finite && std::isfinite(row[d]);
-      fmin = std::min(fmin, row[d]);
-      fmax = std::max(fmax, row[d]);
-    }
-    const float lo = bits == 8 ? std::min(fmin, 0.f) : fmin, hi = bits == 8 ? std::max(fmax, 0.f) : fmax;
-    const bool constant = fmax == fmin;
-    float s = (hi - lo) / levels;
-    float z = qmin - lo / (constant ? 1.f : s);
-    if (bits == 8) z = std::min(std::max(std::nearbyint(z), qmin), qmax);
-    if (constant) {
-      const float abs_c = std::fabs(fmax);
-      s = abs_c > 0.f ? abs_c : 1.f;
-      z = fmax < 0.f ? qmin + 1.f : qmin;
-    }
-    sp[n] = s;
-    zp[n] = z;
-    auto code = [&](float v) {
-      return static_cast<uint8_t>(std::min(std::max(std::nearbyint(v / s + z), qmin), qmax));
-    };
-    uint8_t* out = cp + n * W;
-    if (bits == 8) {
-      for (int64_t d = 0; d < D; ++d) out[d] = code(row[d]);
-    } else {
-      for (int64_t j = 0; j < W; ++j) out[j] = static_cast<uint8_t>(code(row[2 * j]) | (code(row[2 * j + 1]) << 4));
-    }
-  }
+  for (int64_t n = 0; n < N; ++n)
+    finite = quantize_row(x.data_ptr<float>() + n * D, D, bits, static_cast<float>(qmin), static_cast<float>(qmax),
+                          codes.data_ptr<uint8_t>() + n * W, scale.data_ptr<float>() + n,
+                          zero.data_ptr<float>() + n) && finite;
   return {codes, scale, zero, finite};
+}
+
+// quantize_row of states [B, H, n, D] (float32, contiguous) written straight into a reserved layer's buffers at
+// positions old .. old + n - 1: codes [B, H, capacity, W] uint8, scale and zero [B, H, capacity, 1] float32 (any
+// strides). One call instead of quantize_token and three appends (a decode step's ~30 us of tensor ops per layer).
+// Returns whether the states were finite (the caller raises; nothing past the filled views is read).
+bool quantize_append(const at::Tensor& x, at::Tensor codes, at::Tensor scale, at::Tensor zero, int64_t old,
+                     int64_t bits, double qmin, double qmax) {
+  check(x, at::kFloat, 4, "states");
+  TORCH_CHECK(x.is_contiguous(), "states must be contiguous");
+  const int64_t B = x.size(0), H = x.size(1), n = x.size(2), D = x.size(3), W = bits == 8 ? D : D / 2;
+  check_bits_and_dim(bits, D);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && scale.scalar_type() == at::kFloat &&
+                  zero.scalar_type() == at::kFloat && codes.device().is_cpu() && scale.device().is_cpu() &&
+                  zero.device().is_cpu(),
+              "the buffers must be uint8 codes and float32 scales and zeros on CPU");
+  for (const at::Tensor* t : {&codes, &scale, &zero})
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == H && old >= 0 && old + n <= t->size(2),
+                "the buffers must be [batch, heads, capacity >= old + new, ...] with the states' batch and heads");
+  TORCH_CHECK(codes.size(3) == W && codes.stride(3) == 1 && scale.size(3) == 1 && zero.size(3) == 1,
+              "codes must hold ", W, " contiguous bytes per position, scale and zero one value");
+  auto offset = [](const at::Tensor& t, int64_t b, int64_t h, int64_t p) {
+    return b * t.stride(0) + h * t.stride(1) + p * t.stride(2);
+  };
+  bool finite = true;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t p = old + t;
+        finite = quantize_row(x.data_ptr<float>() + ((b * H + h) * n + t) * D, D, bits, static_cast<float>(qmin),
+                              static_cast<float>(qmax), codes.data_ptr<uint8_t>() + offset(codes, b, h, p),
+                              scale.data_ptr<float>() + offset(scale, b, h, p),
+                              zero.data_ptr<float>() + offset(zero, b, h, p)) &&
+                 finite;
+      }
+  return finite;
 }
 
 }  // namespace
@@ -547,6 +587,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_values", &token_values, "sum_t p s (codes - z) of per-token quantized values");
   m.def("grouped_scores", &grouped_scores, "q . RoPE(k) of 4-bit channel_groups keys");
   m.def("quantize_token", &quantize_token, "per-row asymmetric 8/4-bit quantization of float32 states");
+  m.def("quantize_append", &quantize_append, "quantize_token written into a reserved layer's buffers");
   m.def("attend_token", &attend_token, "decode attention over a token-layout quantized layer");
   m.def("attend_grouped", &attend_grouped, "decode attention over a channel_groups quantized layer");
   m.def("attend_float", &attend_float, "decode attention over a float32 layer");

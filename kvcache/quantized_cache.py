@@ -88,7 +88,7 @@ class QuantizedKVLayer(DynamicLayer):
         self._clear()
 
     def _clear(self) -> None:
-        self._buffers = {}
+        self._buffers, self._views = {}, {}
         for name in self._names:
             setattr(self, name, None)
 
@@ -96,6 +96,35 @@ class QuantizedKVLayer(DynamicLayer):
         capacity = self.capacity if capacity is None else capacity
         self._buffers[name], view = append(self._buffers.get(name), getattr(self, name), new, dim, capacity)
         setattr(self, name, view)
+        self._views[name] = view
+
+    def _quantize_into(self, names, states: torch.Tensor):
+        """Per-token quantization of float32 CPU ``states`` written by one kernel call straight into the reserved
+        buffers of ``names`` (codes, scale, zero), past the views this layer last set there, when those are still
+        its states and there is room: a decode step's quantize and three appends without their ~30 us of tensor
+        ops. Returns the grown views for ``_set_views`` (nothing is committed before), or None where it does not
+        apply (the caller quantizes and appends). The codes are ``_quantize``'s bit for bit."""
+        if (self.granularity != "token" or self.storage_dtype is not None or states.device.type != "cpu"
+                or states.dtype != torch.float32):
+            return None
+        views = [getattr(self, name) for name in names]
+        if any(view is None or view is not self._views.get(name) for name, view in zip(names, views)):
+            return None
+        buffers = [self._buffers[name] for name in names]
+        old, new = views[0].shape[-2], states.shape[-2]
+        if old + new > buffers[0].shape[-2] or buffers[0].shape[:2] != states.shape[:2]:
+            return None
+        kernels = load_cpu_kernels()
+        if kernels is None:
+            return None
+        if not kernels.quantize_append(states.contiguous(), *buffers, old, self.bits, self.qmin, self.qmax):
+            raise ValueError("quantize_cache_v: fdata contains NaN or inf values, which cannot be quantized")
+        return [buffer.narrow(-2, 0, old + new) for buffer in buffers]
+
+    def _set_views(self, names, views) -> None:
+        for name, view in zip(names, views):
+            setattr(self, name, view)
+            self._views[name] = view
 
     def _states(self):
         return [getattr(self, name) for name in self._names]
@@ -136,8 +165,15 @@ class QuantizedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if self.key_layout == "channel_groups":
             return self._update_grouped(key_states, value_states, (cache_kwargs or {}).get("positions"))
-        for name, new in zip(self._names, (*self._quantize(key_states), *self._quantize(value_states))):
-            self._append(name, new)
+        key_names, value_names = self._names[:3], self._names[3:6]
+        key_views = self._quantize_into(key_names, key_states)
+        value_views = None if key_views is None else self._quantize_into(value_names, value_states)
+        if value_views is not None:  # both written: commit together (a non-finite value raised before this)
+            self._set_views(key_names, key_views)
+            self._set_views(value_names, value_views)
+        else:
+            for name, new in zip(self._names, (*self._quantize(key_states), *self._quantize(value_states))):
+                self._append(name, new)
         keys = QuantizedStates((self.q_key, self.key_scale, self.key_zero))
         keys.fresh = (key_states, value_states) if self.granularity == "token" else None
         return keys, (self.q_value, self.value_scale, self.value_zero)
@@ -153,14 +189,19 @@ class QuantizedKVLayer(DynamicLayer):
         positions = positions.to(device=key_states.device, dtype=torch.int32)
         if self.storage_dtype is not None:
             key_states = key_states.to(self.storage_dtype)
-        values = self._quantize(value_states)
+        value_names = ("q_value", "value_scale", "value_zero")
+        value_views = self._quantize_into(value_names, value_states)
+        values = self._quantize(value_states) if value_views is None else None
         if self.q_key is None:
             empty = key_states.new_zeros(b, heads, 0, d)
             self.q_key = torch.zeros(b, heads, 0, d // 2, dtype=torch.uint8, device=key_states.device)
             self.key_scale, self.key_zero, self.key_residual = empty, empty, empty
             self.key_positions = positions[:, :0]
-        for name, new in zip(("q_value", "value_scale", "value_zero"), values):
-            self._append(name, new)
+        if value_views is not None:
+            self._set_views(value_names, value_views)
+        else:
+            for name, new in zip(value_names, values):
+                self._append(name, new)
         self._append("key_positions", positions, dim=-1)
         pending = torch.cat((self.key_residual, key_states), dim=-2)
         full = pending.shape[-2] // KEY_GROUP_SIZE * KEY_GROUP_SIZE

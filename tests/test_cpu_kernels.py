@@ -158,6 +158,77 @@ def test_quantize_token_is_bit_identical_to_quantize_cache_v(kernels, bits):
         assert a.shape == w.shape and a.dtype == w.dtype and torch.equal(a, w)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_append_writes_quantize_tokens_rows_into_the_buffers(kernels, bits):
+    """quantize_append: the rows of quantize_token, bit for bit, at positions old.. of strided [b, h, capacity, .]
+    buffers, nothing else touched; the finite flag; shape errors."""
+    from kvcache.cpu_kernels import quantize_token_cpu
+
+    g = torch.Generator().manual_seed(10 + bits)
+    x = torch.randn(2, 3, 4, 64, generator=g) * 3
+    x[1, 2, 0] = -1.5  # a constant row
+    width = 64 if bits == 8 else 32
+    codes = torch.full((2, 3, 10, width + 3), 7, dtype=torch.uint8)[..., :width]  # rows with a gap: strided
+    scale, zero = torch.full((2, 3, 10, 1), 9.0), torch.full((2, 3, 10, 1), 9.0)
+    assert kernels.quantize_append(x, codes, scale, zero, 5, bits, 0, 2**bits - 1)
+    for got, want in zip((codes, scale, zero), quantize_token_cpu(kernels, x, bits, 0, 2**bits - 1)):
+        assert torch.equal(got[:, :, 5:9], want)
+        assert (got[:, :, :5] == (7 if got.dtype == torch.uint8 else 9)).all() and (got[:, :, 9:] != 0).all()
+    x[0, 1, 2, 3] = float("inf")
+    assert not kernels.quantize_append(x, codes, scale, zero, 0, bits, 0, 2**bits - 1)
+    with pytest.raises(RuntimeError, match="capacity"):
+        kernels.quantize_append(x, codes, scale, zero, 7, bits, 0, 2**bits - 1)  # 7 + 4 positions > 10
+    with pytest.raises(RuntimeError, match="contiguous bytes"):
+        kernels.quantize_append(x, codes[..., :width - 2], scale, zero, 0, bits, 0, 2**bits - 1)
+
+
+@pytest.mark.parametrize("bits,layout", [(8, "token"), (4, "token"), (4, "channel_groups")])
+def test_cache_decode_update_quantizes_into_the_reservation(bits, layout):
+    """A reserved layer's decode updates go through quantize_append (no quantize_token call, buffers kept), give the
+    unreserved cache's states bit for bit, and a non-finite key or value raises with the layer unchanged."""
+    import kvcache.cpu_kernels as cpu_kernels
+
+    g = torch.Generator().manual_seed(bits)
+    steps = [torch.randn(2, 3, n, 64, generator=g) for n in (9, 1, 1, 2)]
+    reserved = QuantizedKVCache(bits=bits, key_layout=layout, capacity=32)
+    plain = QuantizedKVCache(bits=bits, key_layout=layout)
+    reserved.update(steps[0], steps[0] * 2, 0)
+    plain.update(steps[0], steps[0] * 2, 0)
+    layer = reserved.layers[0]
+    value_buffer = layer._buffers["q_value"].data_ptr()
+    calls, kernels = [], cpu_kernels.load_cpu_kernels()
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(kernels, name)
+
+    cpu_kernels._state[False] = Counting()
+    try:
+        for step in steps[1:]:
+            got = reserved.update(step, step * 2, 0)
+    finally:
+        cpu_kernels._state[False] = kernels
+    for step in steps[1:]:
+        want = plain.update(step, step * 2, 0)
+    assert "quantize_token" not in calls and calls.count("quantize_append") == (6 if layout == "token" else 3)
+    assert layer._buffers["q_value"].data_ptr() == value_buffer
+    flat = lambda states: [t for part in states for t in (part if isinstance(part, tuple) else [part])]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(got), flat(want)))
+    before = [t.clone() for t in flat(got)]
+    for bad_key in (True, False):
+        key, value = torch.randn(2, 3, 1, 64), torch.randn(2, 3, 1, 64)
+        (key if bad_key else value)[1, 0, 0, 3] = float("nan")
+        if layout == "channel_groups" and bad_key:
+            continue  # pre-RoPE keys wait in the float residual; only values are quantized per token
+        with pytest.raises(ValueError, match="NaN or inf"):
+            reserved.update(key, value, 0)
+        assert reserved.get_seq_length() == 13
+        state = reserved.layers[0]
+        now = [state.q_value, state.value_scale, state.value_zero]
+        assert all(torch.equal(a, b) for a, b in zip(now, before[-3:]))
+
+
 def test_cache_update_refuses_non_finite_states():
     """The cache's CPU float32 update goes through the kernel quantizer and still names NaN/inf inputs."""
     cache = QuantizedKVCache(bits=8)
