@@ -75,7 +75,17 @@ void gemv_words(const float* __restrict__ x, int64_t rows, int64_t x_stride, con
   alignas(64) float table_values[16];
   for (int i = 0; i < 16; ++i) table_values[i] = static_cast<float>(i & MASK);
   const __m512 table = _mm512_load_ps(table_values);  // code -> float by permute: the low 4 bits index it
-  const __m512i mask = _mm512_set1_epi32(MASK);
+  // 8 bits: byte j of each dword moved to its low byte and the others zeroed by one vpshufb, instead of a shift and
+  // a mask (both on the port the conversions and shifts compete for): SmolLM2's 150 Int8 layers, one token, weights
+  // in cache, 5.1 -> 4.9 ms on the 2-core Intel box (min of 5, eight interleaved rounds).
+#if defined(__AVX512BW__)
+  __m512i byte_pick[4];
+  for (int j = 0; j < 4; ++j) {
+    alignas(64) int8_t index[64];
+    for (int i = 0; i < 64; ++i) index[i] = i % 4 == 0 ? static_cast<int8_t>(i / 4 % 4 * 4 + j) : int8_t(-128);
+    byte_pick[j] = _mm512_load_si512(index);
+  }
+#endif
 #endif
   for (int64_t g = 0; g < n_groups; ++g) {
     const int64_t first = std::max(w0, group_words[g]), last = std::min(w1, group_words[g + 1]);
@@ -102,8 +112,13 @@ void gemv_words(const float* __restrict__ x, int64_t rows, int64_t x_stride, con
           __m512 q[VALUES];
           for (int j = 0; j < VALUES; ++j) {
             const __m512i shifted = _mm512_srli_epi32(packed, j * BITS);
-            q[j] = BITS <= 4 ? _mm512_permutexvar_ps(shifted, table)
-                             : _mm512_cvtepi32_ps(_mm512_and_si512(shifted, mask));
+            if (BITS <= 4) q[j] = _mm512_permutexvar_ps(shifted, table);
+            else if (j == VALUES - 1) q[j] = _mm512_cvtepi32_ps(shifted);  // the top byte: nothing left to mask
+#if defined(__AVX512BW__)
+            else q[j] = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(packed, byte_pick[j]));
+#else
+            else q[j] = _mm512_cvtepi32_ps(_mm512_and_si512(shifted, _mm512_set1_epi32(MASK)));
+#endif
           }
           for (int64_t m = 0; m < rows; ++m) {
             float* a = acc + m * TILE + c;
