@@ -1,4 +1,6 @@
-"""Shared test setup: Triton runs in its interpreter on CPU, and fixtures for the tiny and real models."""
+"""Shared test setup: Triton runs in its interpreter on CPU, fixtures for the tiny and real models, and a counter of
+native kernel calls."""
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -13,6 +15,31 @@ if not torch.cuda.is_available():
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_CONVERTER = REPO_ROOT.parent / "shared" / "tools" / "smollm2_to_qwen.py"
+
+
+@pytest.fixture
+def kernel_calls():
+    """`with kernel_calls(load) as calls:` swaps the native extension that `load` (a loader such as
+    `kvcache.cpu_kernels.load_cpu_kernels`, caching in its module's `_state[False]`) returns for a proxy that appends
+    the name of every function taken from it to `calls`, so a test can see which kernels really ran."""
+
+    @contextlib.contextmanager
+    def counting(load):
+        module, real, calls = sys.modules[load.__module__], load(), []
+        assert real is not None, f"{load.__module__} must build here"
+
+        class Counting:
+            def __getattr__(self, name):
+                calls.append(name)
+                return getattr(real, name)
+
+        module._state[False] = Counting()
+        try:
+            yield calls
+        finally:
+            module._state[False] = real
+
+    return counting
 
 
 @pytest.fixture(scope="session")

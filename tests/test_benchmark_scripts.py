@@ -19,6 +19,11 @@ def tiny_int4(tiny_dir, tmp_path_factory):
     return out
 
 
+def table_rows(out: str, tiny_dir) -> list:
+    """The cells of the printed table's rows, one list per checkpoint."""
+    return [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| /", f"| {tiny_dir}"))]
+
+
 def run(script: str, *args) -> str:
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *map(str, args)], capture_output=True,
                        text=True, timeout=600)
@@ -28,7 +33,7 @@ def run(script: str, *args) -> str:
 
 def test_decode_step_breakdown(tiny_dir, tiny_int4):
     out = run("decode_step_breakdown.py", tiny_dir, tiny_int4, "--context", 16, "--steps", 2, "--threads", 1)
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| /", f"| {tiny_dir}"))]
+    rows = table_rows(out, tiny_dir)
     assert len(rows) == 2
     for cells in rows:
         step, linears, head, rest = (float(c) for c in cells[1:5])
@@ -48,7 +53,7 @@ def test_quant_linear_quality_isolates_the_kernels(tiny_int4):
 
 def test_block_linears_speed(tiny_dir, tiny_int4):
     out = run("block_linears_speed.py", tiny_dir, tiny_int4, "--context", 16, "--rounds", 2, "--threads", 1)
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| /", f"| {tiny_dir}"))]
+    rows = table_rows(out, tiny_dir)
     assert len(rows) == 2
     (float_mb, *_), (int4_mb, *_) = [[float(c) for c in cells[1:5]] for cells in rows]
     assert 3 < float_mb / int4_mb < 8  # float32 weights against 4-bit codes + float16 scales and the bias
@@ -64,7 +69,7 @@ def test_decode_attention_speed():
 
 def test_prefill_speed(tiny_dir, tiny_int4):
     out = run("prefill_speed.py", tiny_dir, tiny_int4, "--context", 40, "--rounds", 2, "--threads", 1)
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| /", f"| {tiny_dir}"))]
+    rows = table_rows(out, tiny_dir)
     assert len(rows) == 2
     for cells in rows:
         median, low, high, rate = (float(c) for c in cells[1:5])

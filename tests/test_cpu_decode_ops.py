@@ -102,7 +102,7 @@ def test_wrappers_take_a_few_float32_rows_without_autograd_only():
         assert rms_norm_cpu(grad, torch.nn.Parameter(w), 1e-6) is not None
 
 
-def test_model_decodes_through_the_ops_and_norm_stays_differentiable():
+def test_model_decodes_through_the_ops_and_norm_stays_differentiable(kernel_calls):
     """A tiny model, batch 2 with left padding: cached greedy decoding (each step through the ops) gives the tokens
     of the uncached forward, the ops really ran, and a training forward still backpropagates through RMSNorm."""
     config = QWenConfig(**{**TINY_CONFIG, "hidden_size": 128, "num_attention_heads": 2, "kv_channels": 64})
@@ -111,18 +111,8 @@ def test_model_decodes_through_the_ops_and_norm_stays_differentiable():
     ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    calls, ops = [], cpu_decode_ops.load_ops()
-
-    class Counting:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(ops, name)
-
-    cpu_decode_ops._state[False] = Counting()
-    try:
+    with kernel_calls(cpu_decode_ops.load_ops) as calls:
         cached = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    finally:
-        cpu_decode_ops._state[False] = ops
     uncached = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
     layers = config.num_hidden_layers

@@ -183,11 +183,9 @@ def test_quantize_append_writes_quantize_tokens_rows_into_the_buffers(kernels, b
 
 
 @pytest.mark.parametrize("bits,layout", [(8, "token"), (4, "token"), (4, "channel_groups")])
-def test_cache_decode_update_quantizes_into_the_reservation(bits, layout):
+def test_cache_decode_update_quantizes_into_the_reservation(bits, layout, kernel_calls):
     """A reserved layer's decode updates go through quantize_append (no quantize_token call, buffers kept), give the
     unreserved cache's states bit for bit, and a non-finite key or value raises with the layer unchanged."""
-    import kvcache.cpu_kernels as cpu_kernels
-
     g = torch.Generator().manual_seed(bits)
     steps = [torch.randn(2, 3, n, 64, generator=g) for n in (9, 1, 1, 2)]
     reserved = QuantizedKVCache(bits=bits, key_layout=layout, capacity=32)
@@ -196,19 +194,9 @@ def test_cache_decode_update_quantizes_into_the_reservation(bits, layout):
     plain.update(steps[0], steps[0] * 2, 0)
     layer = reserved.layers[0]
     value_buffer = layer._buffers["q_value"].data_ptr()
-    calls, kernels = [], cpu_kernels.load_cpu_kernels()
-
-    class Counting:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(kernels, name)
-
-    cpu_kernels._state[False] = Counting()
-    try:
+    with kernel_calls(load_cpu_kernels) as calls:
         for step in steps[1:]:
             got = reserved.update(step, step * 2, 0)
-    finally:
-        cpu_kernels._state[False] = kernels
     for step in steps[1:]:
         want = plain.update(step, step * 2, 0)
     assert "quantize_token" not in calls and calls.count("quantize_append") == (6 if layout == "token" else 3)
@@ -294,7 +282,7 @@ def test_attend_float_cpu_applies_to_float32_decode_only():
                                         0.125, 2)
 
 
-def test_model_decode_through_attend_float_matches_uncached_forward(tiny_config_head64):
+def test_model_decode_through_attend_float_matches_uncached_forward(tiny_config_head64, kernel_calls):
     """A head_dim-64 model, batch 2 with left padding: cached greedy decoding (each token through attend_float)
     gives the tokens of the uncached forward (the plain attention over the whole sequence every step), and the
     kernel really ran."""
@@ -304,20 +292,8 @@ def test_model_decode_through_attend_float_matches_uncached_forward(tiny_config_
     ids = torch.randint(5, 1000, (2, 11), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
-    calls = []
-    kernels = load_cpu_kernels()
-
-    class Counting:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(kernels, name)
-
-    import kvcache.cpu_kernels as cpu_kernels
-    cpu_kernels._state[False] = Counting()
-    try:
+    with kernel_calls(load_cpu_kernels) as calls:
         cached = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    finally:
-        cpu_kernels._state[False] = kernels
     uncached = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
     assert calls.count("attend_float") == 7 * tiny_config_head64.num_hidden_layers
