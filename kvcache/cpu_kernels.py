@@ -14,7 +14,9 @@ each code before the product, so no large terms cancel):
 * ``attend_float``: the same decode step over a float32 layer (``q·k``, float32 softmax with the mask, ``p @ V``),
   what the model runs for a decoded token on CPU instead of ~8 small tensor ops (``attend_float_cpu``);
 * ``quantize_token``: the per-token quantizer of ``kvcache.quantize_cache`` for float32 states, bit-identical, one
-  call instead of ~20 small tensor ops (``QuantizedKVLayer`` uses it on CPU).
+  call instead of ~20 small tensor ops (``QuantizedKVLayer`` uses it on CPU);
+* ``quantize_append``: the same rows written straight into a reserved layer's buffers after its filled positions
+  (``QuantizedKVLayer``'s decode steps: no quantized temporaries and no appends).
 
 4-bit codes hold the even channel in the low nibble; the kernels take the query (and give the output) in split order
 (even channels, then odd ones). The build (``kvcache.cpp_kernels.build_cpu_extension``: gcc, ``-O3 -march=native
