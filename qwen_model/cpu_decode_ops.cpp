@@ -6,7 +6,11 @@
 // The rotary is the arithmetic of kvcache.rotary.apply_rotary_pos_emb step by step (t * cos + rotate_half(t) * sin,
 // each product rounded, then the sum), so its output is bit-identical; products are not contracted into FMAs.
 // Built and loaded by qwen_model/cpu_decode_ops.py.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
+#endif
 #include <torch/extension.h>
 
 #include <cmath>
