@@ -76,8 +76,8 @@ void gemv_words(const float* __restrict__ x, int64_t rows, int64_t x_stride, con
   for (int i = 0; i < 16; ++i) table_values[i] = static_cast<float>(i & MASK);
   const __m512 table = _mm512_load_ps(table_values);  // code -> float by permute: the low 4 bits index it
   // 8 bits: byte j of each dword moved to its low byte and the others zeroed by one vpshufb, instead of a shift and
-  // a mask (both on the port the conversions and shifts compete for): SmolLM2's 150 Int8 layers, one token, weights
-  // in cache, 5.1 -> 4.9 ms on the 2-core Intel box (min of 5, eight interleaved rounds).
+  // a mask (both on the port the conversions and shifts compete for): benchmarks/block_linears_speed.py, Int8, on
+  // the 2-core Intel box 9.48 / 9.54 -> 9.15 / 9.06 ms a pass; 7B-shaped layers 3.25-3.39x -> 3.70x F.linear.
 #if defined(__AVX512BW__)
   __m512i byte_pick[4];
   for (int j = 0; j < 4; ++j) {
