@@ -51,9 +51,19 @@ def quantize_token_cpu(kernels, states, bits: int, qmin: int, qmax: int):
     (a decode step quantizes one position per layer)."""
     b, h, n, d = states.shape
     codes, scale, zero, finite = kernels.quantize_token(states.reshape(-1, d).contiguous(), bits, qmin, qmax)
+    _check_finite(finite)
+    return codes.view(b, h, n, -1), scale.view(b, h, n, 1), zero.view(b, h, n, 1)
+
+
+def quantize_append_cpu(kernels, states, codes, scale, zero, old: int, bits: int, qmin: int, qmax: int) -> None:
+    """``quantize_token_cpu``'s rows of float32 CPU states [b, h, n, d] written into reserved buffers [b, h, capacity,
+    .] at positions ``old`` .. ``old + n - 1`` (nothing else touched, so a raise leaves the filled part as it was)."""
+    _check_finite(kernels.quantize_append(states.contiguous(), codes, scale, zero, old, bits, qmin, qmax))
+
+
+def _check_finite(finite: bool) -> None:
     if not finite:
         raise ValueError("quantize_cache_v: fdata contains NaN or inf values, which cannot be quantized")
-    return codes.view(b, h, n, -1), scale.view(b, h, n, 1), zero.view(b, h, n, 1)
 
 
 def attend_float_cpu(query, key, value, mask, scale: float):

@@ -23,7 +23,7 @@ from functools import partial
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvcache.cpu_kernels import load_cpu_kernels, quantize_token_cpu
+from kvcache.cpu_kernels import load_cpu_kernels, quantize_append_cpu, quantize_token_cpu
 from kvcache.reserved import append
 from kvcache.quantize_cache import (GRANULARITIES, KEY_GROUP_SIZE, NOT_A_TENSOR, GroupedKeys, quantize_cache_v,
                                     quantize_key_groups)
@@ -117,8 +117,7 @@ class QuantizedKVLayer(DynamicLayer):
         kernels = load_cpu_kernels()
         if kernels is None:
             return None
-        if not kernels.quantize_append(states.contiguous(), *buffers, old, self.bits, self.qmin, self.qmax):
-            raise ValueError("quantize_cache_v: fdata contains NaN or inf values, which cannot be quantized")
+        quantize_append_cpu(kernels, states, *buffers, old, self.bits, self.qmin, self.qmax)
         return [buffer.narrow(-2, 0, old + new) for buffer in buffers]
 
     def _set_views(self, names, views) -> None:

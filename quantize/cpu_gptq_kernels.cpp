@@ -79,12 +79,10 @@ void gemv_words(const float* __restrict__ x, int64_t rows, int64_t x_stride, con
   // a mask (both on the port the conversions and shifts compete for): benchmarks/block_linears_speed.py, Int8, on
   // the 2-core Intel box 9.48 / 9.54 -> 9.15 / 9.06 ms a pass; 7B-shaped layers 3.25-3.39x -> 3.70x F.linear.
 #if defined(__AVX512BW__)
-  __m512i byte_pick[4];
-  for (int j = 0; j < 4; ++j) {
-    alignas(64) int8_t index[64];
-    for (int i = 0; i < 64; ++i) index[i] = i % 4 == 0 ? static_cast<int8_t>(i / 4 % 4 * 4 + j) : int8_t(-128);
-    byte_pick[j] = _mm512_load_si512(index);
-  }
+  auto byte_pick = [](int j) {  // per 16-byte lane: dword i takes byte 4 i + j, its other bytes zero (index 0x80)
+    const int zeroed = static_cast<int>(0x80808000u);
+    return _mm512_setr4_epi32(zeroed | j, zeroed | (4 + j), zeroed | (8 + j), zeroed | (12 + j));
+  };
 #endif
 #endif
   for (int64_t g = 0; g < n_groups; ++g) {
@@ -115,7 +113,7 @@ void gemv_words(const float* __restrict__ x, int64_t rows, int64_t x_stride, con
             if (BITS <= 4) q[j] = _mm512_permutexvar_ps(shifted, table);
             else if (j == VALUES - 1) q[j] = _mm512_cvtepi32_ps(shifted);  // the top byte: nothing left to mask
 #if defined(__AVX512BW__)
-            else q[j] = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(packed, byte_pick[j]));
+            else q[j] = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(packed, byte_pick(j)));
 #else
             else q[j] = _mm512_cvtepi32_ps(_mm512_and_si512(shifted, _mm512_set1_epi32(MASK)));
 #endif
