@@ -186,35 +186,14 @@ def attention_blocked(query, layer_past, attn_mask=None, scale=None, fresh=None,
     return out.reshape(b, h, q_len, d).to(query.dtype)
 
 
-def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """A per-position scale or zero ``[b, h, kv, 1]`` as float32 ``[rows, kv]`` (a view when it can be)."""
-    return t.reshape(rows, -1).float()
-
-
 def _attend_with_kernels(kernels, query, keys, values, bits, mask, scale, inv_freq):
-    """The step in one call of the CPU kernels: scores from the codes, softmax (float32), values from the codes."""
-    b, h, q_len, d = query.shape
-    rows = b * h
-    q = query.float().reshape(rows, q_len, d)
-    q_value, value_scale, value_zero = values
-    value_args = (q_value.reshape(rows, q_value.shape[-2], -1), _rows(value_scale, rows), _rows(value_zero, rows))
-    mask = None if mask is None else mask.float()
+    """The step in one call of the CPU kernels, straight from the cache's tensors (the reshapes, float32
+    conversions and 4-bit channel order are done in C++): scores from the codes, softmax (float32), values."""
     if isinstance(keys, GroupedKeys):
         if inv_freq is None:
             raise ValueError("the channel_groups key layout stores pre-RoPE keys: pass the rotary inv_freq")
-        key_scale = keys.scale.reshape(rows, -1, d).float()
-        neg_zs = -(keys.zero.reshape(rows, -1, d).float() * key_scale)
-        positions = keys.positions.long().contiguous()
+        positions = keys.positions
         cos_t, sin_t = cos_sin_table(inv_freq.to(query.device), int(positions.max()) + 1 if positions.numel() else 1)
-        out = kernels.attend_grouped(q.contiguous(), keys.q_key.reshape(rows, keys.q_key.shape[-2], d // 2),
-                                     key_scale.contiguous(), neg_zs.contiguous(),
-                                     keys.residual.reshape(rows, -1, d).float(), cos_t, sin_t, positions,
-                                     KEY_GROUP_SIZE, *value_args, mask, scale, h)
-    else:
-        q_key, key_scale, key_zero = keys
-        out = kernels.attend_token((_split_nibbles(q) if bits == 4 else q).contiguous(),
-                                   q_key.reshape(rows, q_key.shape[-2], -1), _rows(key_scale, rows),
-                                   _rows(key_zero, rows), *value_args, mask, scale, h, bits)
-    if bits == 4:
-        out = _merge_nibbles(out)
-    return out.reshape(b, h, q_len, d).to(query.dtype)
+        return kernels.attend_grouped(query, keys.q_key, keys.scale, keys.zero, keys.residual, cos_t, sin_t,
+                                      positions, KEY_GROUP_SIZE, *values, mask, scale)
+    return kernels.attend_token(query, *keys, *values, mask, scale, bits)

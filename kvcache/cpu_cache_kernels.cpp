@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -251,11 +252,18 @@ inline void rotate_and_score(float* __restrict__ k, const float* cr, const float
   }
 }
 
+// Position of slot i in a [B, >= slots] int32 or int64 table whose rows have stride `stride`.
+struct Positions {
+  const int32_t* p32;
+  const int64_t* p64;
+  int64_t stride;
+  int64_t operator()(int64_t b, int64_t i) const { return p32 ? p32[b * stride + i] : p64[b * stride + i]; }
+};
+
 template <int64_t D, bool FULL_ROTARY>
-void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& nzs,
-                  const at::Tensor& residual,
-                  const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions, int64_t heads,
-                  int64_t group, at::Tensor& out) {
+void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
+                  const at::Tensor& residual, const at::Tensor& cos, const at::Tensor& sin, const Positions& pos,
+                  int64_t heads, int64_t group, at::Tensor& out) {
   const int64_t R = q.size(0), Q = q.size(1), T = codes.size(1), half = cos.size(2), P = cos.size(1);
   const int64_t OT = out.size(2), Tr = OT - T;  // output width: the quantized positions, then the float residual
   const float* rp = residual.data_ptr<float>();
@@ -263,24 +271,29 @@ void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor
   const float* qp = q.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
-  const float* zp = nzs.data_ptr<float>();
+  const float* zp = zero.data_ptr<float>();
   const float* cosp = cos.data_ptr<float>();
   const float* sinp = sin.data_ptr<float>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  const int64_t cs = codes.stride(0), gs = scale.size(1) * D, qs = q.stride(0), pst = positions.stride(0);
+  const int64_t cs = codes.stride(0), ss = scale.stride(0), zs = zero.stride(0), qs = q.stride(0);
   const bool per_batch = cos.size(0) > 1;
   for_row_blocks(R, OT, [&](int64_t r, int64_t, int64_t t0, int64_t t1) {
     alignas(64) float k[D];
+    alignas(64) float nz[D];  // -zero * scale of the current group: stored, then read by the dequantizing FMAs
+    int64_t nz_group = -1;
     const int64_t b = r / heads;
     const float* table_c = cosp + (per_batch ? b * P * half : 0);
     const float* table_s = sinp + (per_batch ? b * P * half : 0);
     for (int64_t t = t0; t < std::min(t1, T); ++t) {
       const int64_t g = t / group;
       const uint8_t* c = cp + r * cs + t * (D / 2);
-      const float* sc = sp + r * gs + g * D;
-      const float* nz = zp + r * gs + g * D;
-      const int64_t at_pos = std::max<int64_t>(pos[b * pst + t], 0);  // padding slots (-1): masked anyway
+      const float* sc = sp + r * ss + g * D;
+      if (g != nz_group) {
+        const float* z = zp + r * zs + g * D;
+        for (int64_t d = 0; d < D; ++d) nz[d] = -(z[d] * sc[d]);
+        nz_group = g;
+      }
+      const int64_t at_pos = std::max<int64_t>(pos(b, t), 0);  // padding slots (-1): masked anyway
       const float* cr = table_c + at_pos * half;
       const float* sr = table_s + at_pos * half;
 #if defined(__AVX512BW__)
@@ -320,7 +333,7 @@ void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor
     for (int64_t t = std::max(t0, T) - T; t < t1 - T; ++t) {  // the float residual (pre-RoPE, a partial group)
       const float* src = rp + r * rs + t * D;
       std::copy(src, src + D, k);
-      const int64_t at_pos = std::max<int64_t>(pos[b * pst + T + t], 0);
+      const int64_t at_pos = std::max<int64_t>(pos(b, T + t), 0);
       rotate_and_score<D>(k, table_c + at_pos * half, table_s + at_pos * half, half, qp + r * qs, Q,
                           op + r * Q * OT + T + t, OT);
     }
@@ -328,42 +341,46 @@ void grouped_rows(const at::Tensor& q, const at::Tensor& codes, const at::Tensor
 }
 
 // Scores q . RoPE(k) of "channel_groups" keys: 4-bit codes [R, T, D / 2] in groups of `group` positions with
-// per-channel scale and -zero * scale [R, T / group, D], then the float residual [R, Tr, D] (pre-RoPE), rotated at
-// positions [B, >= T + Tr] (row r is batch r / heads; negative = padding, taken as 0) with cos/sin tables
-// [1 or B, > max position, rot_dim / 2]. q [R, Q, D] in natural order; the result is [R, Q, T + Tr].
+// per-channel scale and zero point [R, T / group, D] (k = scale * (code - zero), formed as code * scale + -(zero *
+// scale)), then the float residual [R, Tr, D] (pre-RoPE), rotated at positions [B, >= T + Tr] (int32 or int64; row r
+// is batch r / heads; negative = padding, taken as 0) with cos/sin tables [1 or B, > max position, rot_dim / 2].
+// q [R, Q, D] in natural order; the result is [R, Q, T + Tr].
 at::Tensor grouped_scores(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale,
-                          const at::Tensor& nzs, const at::Tensor& residual, const at::Tensor& cos,
+                          const at::Tensor& zero, const at::Tensor& residual, const at::Tensor& cos,
                           const at::Tensor& sin, const at::Tensor& positions, int64_t heads, int64_t group) {
   check(q, at::kFloat, 3, "q");
   check(codes, at::kByte, 3, "codes");
   check(residual, at::kFloat, 3, "residual");
-  TORCH_CHECK(scale.is_contiguous() && nzs.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
-              positions.is_contiguous(), "scale, nzs, cos, sin and positions must be contiguous");
   check(scale, at::kFloat, 3, "scale");
-  check(nzs, at::kFloat, 3, "nzs");
+  check(zero, at::kFloat, 3, "zero");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "cos and sin must be contiguous");
   check(cos, at::kFloat, 3, "cos");
   check(sin, at::kFloat, 3, "sin");
-  check(positions, at::kLong, 2, "positions");
+  TORCH_CHECK(positions.device().is_cpu() && positions.dim() == 2 && positions.stride(1) == 1 &&
+                  (positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong),
+              "positions must be a CPU int32 or int64 tensor [batch, slots] with contiguous rows");
   const int64_t R = q.size(0), Q = q.size(1), D = q.size(2), T = codes.size(1), Tr = residual.size(1);
   TORCH_CHECK(codes.size(0) == R && codes.size(2) == D / 2 && T % group == 0 && scale.size(0) == R &&
-              scale.size(1) * group == T && scale.size(2) == D && nzs.sizes() == scale.sizes() &&
+              scale.size(1) * group == T && scale.size(2) == D && zero.sizes() == scale.sizes() &&
               residual.size(0) == R && residual.size(2) == D, "codes/scales/residual do not fit q");
   TORCH_CHECK(2 * cos.size(2) <= D && cos.sizes() == sin.sizes() && R % heads == 0 &&
               positions.size(0) * heads == R && positions.size(1) >= T + Tr &&
               (cos.size(0) == 1 || cos.size(0) == positions.size(0)), "rotary tables/positions do not fit q");
-  if (T + Tr > 0) {
-    const auto used = positions.narrow(1, 0, T + Tr);
-    TORCH_CHECK(used.max().item<int64_t>() < cos.size(1), "positions outside the rotary table");
-  }
+  const bool narrow = positions.scalar_type() == at::kInt;
+  const Positions pos{narrow ? positions.data_ptr<int32_t>() : nullptr,
+                      narrow ? nullptr : positions.data_ptr<int64_t>(), positions.stride(0)};
+  for (int64_t b = 0; b < positions.size(0); ++b)
+    for (int64_t i = 0; i < T + Tr; ++i)
+      TORCH_CHECK(pos(b, i) < cos.size(1), "positions outside the rotary table");
   auto out = at::empty({R, Q, T + Tr}, q.options());
   switch (D) {
     case 64:
-      if (2 * cos.size(2) == D) grouped_rows<64, true>(q, codes, scale, nzs, residual, cos, sin, positions, heads, group, out);
-      else grouped_rows<64, false>(q, codes, scale, nzs, residual, cos, sin, positions, heads, group, out);
+      if (2 * cos.size(2) == D) grouped_rows<64, true>(q, codes, scale, zero, residual, cos, sin, pos, heads, group, out);
+      else grouped_rows<64, false>(q, codes, scale, zero, residual, cos, sin, pos, heads, group, out);
       break;
     case 128:
-      if (2 * cos.size(2) == D) grouped_rows<128, true>(q, codes, scale, nzs, residual, cos, sin, positions, heads, group, out);
-      else grouped_rows<128, false>(q, codes, scale, nzs, residual, cos, sin, positions, heads, group, out);
+      if (2 * cos.size(2) == D) grouped_rows<128, true>(q, codes, scale, zero, residual, cos, sin, pos, heads, group, out);
+      else grouped_rows<128, false>(q, codes, scale, zero, residual, cos, sin, pos, heads, group, out);
       break;
     default: TORCH_CHECK(false, "CPU cache kernels take head_dim 64 or 128, got ", D);
   }
@@ -380,25 +397,100 @@ at::Tensor probabilities(at::Tensor scores, double scale, const c10::optional<at
   return at::softmax(scores, -1);
 }
 
-// One call for a decode step over a token-layout layer: softmax(s q . (k_q - z) * scale + mask) weighted
-// values, [R, Q, D] (split channel order for 4 bits, like q).
-at::Tensor attend_token(const at::Tensor& q, const at::Tensor& key_codes, const at::Tensor& key_scale,
-                        const at::Tensor& key_zero, const at::Tensor& value_codes, const at::Tensor& value_scale,
-                        const at::Tensor& value_zero, const c10::optional<at::Tensor>& mask, double scale,
-                        int64_t heads, int64_t bits) {
-  auto probs = probabilities(token_scores(q, key_codes, key_scale, key_zero, bits), scale, mask, heads);
-  return token_values(probs, value_codes, value_scale, value_zero, bits, q.size(2));
+// 4-bit codes hold channel 2j in byte j's low nibble and 2j + 1 in its high one, and the kernels above take the query
+// (and give the output) in split order: even channels, then odd ones. x [N..., D] float32 -> a new contiguous tensor
+// in split order (to_split) or back in natural order: a permutation, so exact.
+at::Tensor reorder_channels(const at::Tensor& x, bool to_split) {
+  const auto src_t = x.contiguous();
+  auto y = at::empty_like(src_t);
+  const int64_t D = x.size(-1), H = D / 2, N = D ? x.numel() / D : 0;
+  const float* src = src_t.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n, src += D, dst += D)
+    for (int64_t j = 0; j < H; ++j) {
+      if (to_split) {
+        dst[j] = src[2 * j];
+        dst[H + j] = src[2 * j + 1];
+      } else {
+        dst[2 * j] = src[j];
+        dst[2 * j + 1] = src[H + j];
+      }
+    }
+  return y;
 }
 
-// The same for "channel_groups" keys (arguments of grouped_scores) and 4-bit token values; output in split order.
-at::Tensor attend_grouped(const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& nzs,
-                          const at::Tensor& residual, const at::Tensor& cos, const at::Tensor& sin,
-                          const at::Tensor& positions, int64_t group, const at::Tensor& value_codes,
-                          const at::Tensor& value_scale, const at::Tensor& value_zero,
-                          const c10::optional<at::Tensor>& mask, double softmax_scale, int64_t heads) {
-  auto scores = grouped_scores(q, codes, scale, nzs, residual, cos, sin, positions, heads, group);
-  auto probs = probabilities(scores, softmax_scale, mask, heads);
-  return token_values(probs, value_codes, value_scale, value_zero, 4, q.size(2));
+// The decode-step entry points take the cache's own tensors, [B, H, ...] views into its reserved buffers in the
+// stored dtypes, and do here the reshapes, float32 conversions and channel reordering that cost a few microseconds
+// each as Python tensor ops (~50 us a layer and step for the 4-bit cache).
+void check_heads(const at::Tensor& t, const at::Tensor& query, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == query.size(0) && t.size(1) == query.size(1), name,
+              " must be [batch, heads, ...] like the query [", query.size(0), ", ", query.size(1), ", ...]");
+}
+
+// [B, H, n, W] -> [B * H, n, W] (a view of a reserved buffer).
+at::Tensor head_rows(const at::Tensor& t) { return t.flatten(0, 1); }
+
+// A per-position scale or zero [B, H, n, 1] -> float32 [B * H, n] (a view when it is float32 already).
+at::Tensor position_rows(const at::Tensor& t) { return t.flatten(0, 1).select(-1, 0).to(at::kFloat); }
+
+c10::optional<at::Tensor> float_mask(const c10::optional<at::Tensor>& mask) {
+  if (!mask.has_value() || !mask->defined()) return c10::nullopt;
+  return mask->to(at::kFloat);
+}
+
+void check_query(const at::Tensor& query) {
+  TORCH_CHECK(query.dim() == 4 && query.device().is_cpu() && at::isFloatingType(query.scalar_type()),
+              "query must be a floating-point CPU tensor [batch, heads, q, head_dim]");
+}
+
+// out [B * H, Q, D] float32 (split order for 4-bit values) -> [B, H, Q, D] in natural order and the query's dtype.
+at::Tensor finish(at::Tensor out, const at::Tensor& query, bool split) {
+  if (split) out = reorder_channels(out, false);
+  return out.reshape(query.sizes()).to(query.scalar_type());
+}
+
+// One call for a decode step over a token-layout layer: softmax(s q . (k_q - z) * scale + mask) weighted values.
+// query [B, H, Q, D]; codes [B, H, T, W]; scales and zeros [B, H, T, 1]; mask optional, broadcasting to [B, H, Q, T].
+at::Tensor attend_token(const at::Tensor& query, const at::Tensor& key_codes, const at::Tensor& key_scale,
+                        const at::Tensor& key_zero, const at::Tensor& value_codes, const at::Tensor& value_scale,
+                        const at::Tensor& value_zero, const c10::optional<at::Tensor>& mask, double scale,
+                        int64_t bits) {
+  check_query(query);
+  const std::pair<const at::Tensor*, const char*> cache[] = {
+      {&key_codes, "key codes"}, {&key_scale, "key scale"},     {&key_zero, "key zero"},
+      {&value_codes, "value codes"}, {&value_scale, "value scale"}, {&value_zero, "value zero"}};
+  for (const auto& [t, name] : cache) check_heads(*t, query, name);
+  const int64_t heads = query.size(1), D = query.size(3);
+  auto q = query.to(at::kFloat).flatten(0, 1);
+  q = bits == 4 ? reorder_channels(q, true) : q.contiguous();
+  auto probs = probabilities(token_scores(q, head_rows(key_codes), position_rows(key_scale), position_rows(key_zero),
+                                          bits),
+                             scale, float_mask(mask), heads);
+  return finish(token_values(probs, head_rows(value_codes), position_rows(value_scale), position_rows(value_zero),
+                             bits, D),
+                query, bits == 4);
+}
+
+// The same for "channel_groups" keys and 4-bit token values: q_key [B, H, n * group, D / 2], key_scale and key_zero
+// [B, H, n, D], residual [B, H, r, D] float keys, positions [B, >= n * group + r], cos/sin as grouped_scores takes.
+at::Tensor attend_grouped(const at::Tensor& query, const at::Tensor& q_key, const at::Tensor& key_scale,
+                          const at::Tensor& key_zero, const at::Tensor& residual, const at::Tensor& cos,
+                          const at::Tensor& sin, const at::Tensor& positions, int64_t group,
+                          const at::Tensor& value_codes, const at::Tensor& value_scale, const at::Tensor& value_zero,
+                          const c10::optional<at::Tensor>& mask, double softmax_scale) {
+  check_query(query);
+  const std::pair<const at::Tensor*, const char*> cache[] = {
+      {&q_key, "key codes"},         {&key_scale, "key scale"},     {&key_zero, "key zero"}, {&residual, "residual"},
+      {&value_codes, "value codes"}, {&value_scale, "value scale"}, {&value_zero, "value zero"}};
+  for (const auto& [t, name] : cache) check_heads(*t, query, name);
+  const int64_t heads = query.size(1), D = query.size(3);
+  auto scores = grouped_scores(query.to(at::kFloat).flatten(0, 1).contiguous(), head_rows(q_key),
+                               key_scale.flatten(0, 1).to(at::kFloat), key_zero.flatten(0, 1).to(at::kFloat),
+                               residual.flatten(0, 1).to(at::kFloat), cos, sin, positions, heads, group);
+  auto probs = probabilities(scores, softmax_scale, float_mask(mask), heads);
+  return finish(token_values(probs, head_rows(value_codes), position_rows(value_scale), position_rows(value_zero), 4,
+                             D),
+                query, true);
 }
 
 // Decode attention over a float32 layer: out[r, i] = softmax(q[r, i] . k[r, t] * scale + mask) weighted v[r, t],

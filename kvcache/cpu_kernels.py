@@ -10,7 +10,9 @@ each code before the product, so no large terms cancel):
   dequantized and rotated at their positions in registers, then ``q·k``; the float residual after them;
 * ``token_values``: ``Σ_t (p_t s_t) (v_q − z_t)`` = ``p @ V``;
 * ``attend_token`` / ``attend_grouped``: a whole decode step (scores, float32 softmax with the mask, values) in one
-  call, what ``kvcache.blocked_attention`` runs;
+  call on the cache's own ``[b, h, ...]`` tensors (reserved views in their stored dtype, int32 positions), what
+  ``kvcache.blocked_attention`` runs: the reshapes, float32 conversions and channel reordering happen in C++, not as
+  a dozen Python tensor ops per layer;
 * ``attend_float``: the same decode step over a float32 layer (``q·k``, float32 softmax with the mask, ``p @ V``),
   what the model runs for a decoded token on CPU instead of ~8 small tensor ops (``attend_float_cpu``);
 * ``quantize_token``: the per-token quantizer of ``kvcache.quantize_cache`` for float32 states, bit-identical, one
@@ -18,8 +20,8 @@ each code before the product, so no large terms cancel):
 * ``quantize_append``: the same rows written straight into a reserved layer's buffers after its filled positions
   (``QuantizedKVLayer``'s decode steps: no quantized temporaries and no appends).
 
-4-bit codes hold the even channel in the low nibble; the kernels take the query (and give the output) in split order
-(even channels, then odd ones). The build (``kvcache.cpp_kernels.build_cpu_extension``: gcc, ``-O3 -march=native
+4-bit codes hold the even channel in the low nibble; the scoring and value kernels take the query (and give the
+output) in split order (even channels, then odd ones); the decode-step calls reorder in and out themselves. The build (``kvcache.cpp_kernels.build_cpu_extension``: gcc, ``-O3 -march=native
 -fopenmp``, about half a minute the first time) is reused by later processes. Any failure logs one warning and yields
 ``None``, and attention falls back to the plain-torch blocks of ``kvcache.chunked_attention``.
 """

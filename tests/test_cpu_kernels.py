@@ -7,8 +7,10 @@ import torch
 
 from kvcache.blocked_attention import attention_blocked
 from kvcache.cpu_kernels import attend_float_cpu, load_cpu_kernels
+from kvcache.quantize_cache import KEY_GROUP_SIZE
 from kvcache.quantized_attention import attention_torch, quantized_attention
 from kvcache.quantized_cache import QuantizedKVCache
+from kvcache.rotary import cos_sin_table
 from qwen_model.configuration_qwen import QWenConfig
 from qwen_model.create_tiny import TINY_CONFIG
 from qwen_model.modeling_qwen import eager_attention
@@ -122,6 +124,58 @@ def test_auto_on_cpu_uses_the_kernels_for_decode(monkeypatch):
     torch.testing.assert_close(quantized_attention(query, past, None, None), want, atol=ATOL, rtol=RTOL)
 
 
+def split(t):
+    return torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1)
+
+
+def merge(t):
+    half = t.shape[-1] // 2
+    return torch.stack((t[..., :half], t[..., half:]), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("bits,layout", LAYOUTS)
+@pytest.mark.parametrize("states", [torch.float32, torch.bfloat16])
+def test_decode_call_equals_its_kernels_composed_in_torch(kernels, bits, layout, states):
+    """`attend_token` / `attend_grouped` take the cache's own [b, h, ...] tensors (reserved views, stored dtype, int32
+    positions) and do the reshapes, conversions, -(zero * scale) and 4-bit channel order in C++: bit for bit what the
+    scoring and value kernels give on inputs prepared with tensor ops (q split, positions int64, ...), softmax between."""
+    b, h, kv_len, d = 2, 3, 200, 64
+    g = torch.Generator().manual_seed(7)
+    key, value = torch.randn(b, h, kv_len, d, generator=g).to(states), torch.randn(b, h, kv_len, d, generator=g).to(states)
+    positions = torch.arange(kv_len)[None].repeat(b, 1)
+    positions[1, :5] = -1
+    cache = QuantizedKVCache(bits=bits, key_layout=layout, capacity=kv_len + 40)
+    keys, values = cache.update(key, value, 0, cache_kwargs={"positions": positions})
+    query = torch.randn(b, h, 1, d, generator=g).to(states)
+    mask = left_padding_mask(b, 1, kv_len, [0, 5])
+    scale = 0.125
+    rows = b * h
+    q = query.float().reshape(rows, 1, d)
+    q_value, value_scale, value_zero = values
+    vcodes = q_value.reshape(rows, kv_len, -1)
+    vs, vz = value_scale.reshape(rows, -1).float(), value_zero.reshape(rows, -1).float()
+    if layout == "channel_groups":
+        assert keys.positions.dtype == torch.int32
+        cos, sin = cos_sin_table(inv_freq(d), kv_len)
+        got = kernels.attend_grouped(query, keys.q_key, keys.scale, keys.zero, keys.residual, cos, sin, keys.positions,
+                                     KEY_GROUP_SIZE, *values, mask, scale)
+        scores = kernels.grouped_scores(q, keys.q_key.reshape(rows, -1, d // 2),
+                                        keys.scale.reshape(rows, -1, d).float().contiguous(),
+                                        keys.zero.reshape(rows, -1, d).float().contiguous(),
+                                        keys.residual.reshape(rows, -1, d).float(), cos, sin, keys.positions.long(),
+                                        h, KEY_GROUP_SIZE)
+    else:
+        got = kernels.attend_token(query, *keys, *values, mask, scale, bits)
+        q_key, key_scale, key_zero = keys
+        scores = kernels.token_scores(split(q) if bits == 4 else q, q_key.reshape(rows, kv_len, -1),
+                                      key_scale.reshape(rows, -1).float(), key_zero.reshape(rows, -1).float(), bits)
+    probs = torch.softmax((scores * scale).view(b, h, 1, kv_len) + mask, dim=-1).view(rows, 1, kv_len)
+    out = kernels.token_values(probs, vcodes, vs, vz, bits, d)
+    want = (merge(out) if bits == 4 else out).reshape(b, h, 1, d).to(states)
+    assert got.dtype == states
+    assert torch.equal(got, want)
+
+
 def test_kernels_reject_bad_input(kernels):
     q = torch.randn(2, 1, 64)
     codes = torch.zeros(2, 10, 64, dtype=torch.uint8)
@@ -137,6 +191,22 @@ def test_kernels_reject_bad_input(kernels):
         kernels.token_scores(torch.randn(2, 1, 32), narrow, s, s, 8)
     with pytest.raises(RuntimeError, match="bits must be 8 or 4"):
         kernels.token_values(torch.rand(2, 1, 10), codes, s, s, 3, 64)
+    query, layer_codes, layer_s = torch.randn(1, 2, 1, 64), codes[None], s[None, ..., None]
+    with pytest.raises(RuntimeError, match="query must be a floating-point CPU tensor"):
+        kernels.attend_token(q, layer_codes, layer_s, layer_s, layer_codes, layer_s, layer_s, None, 1.0, 8)
+    with pytest.raises(RuntimeError, match="value zero must be"):
+        kernels.attend_token(query, layer_codes, layer_s, layer_s, layer_codes, layer_s, s, None, 1.0, 8)
+    scale = torch.ones(1, 2, 1, 64)
+    cos, sin = cos_sin_table(inv_freq(64), 64)
+    packed = torch.zeros(1, 2, 64, 32, dtype=torch.uint8)
+    grouped = (query, packed, scale, scale, torch.zeros(1, 2, 0, 64), cos, sin)
+    values = (packed, torch.ones(1, 2, 64, 1), torch.ones(1, 2, 64, 1), None, 1.0)
+    positions = torch.arange(64)[None]
+    kernels.attend_grouped(*grouped, positions.int(), KEY_GROUP_SIZE, *values)
+    with pytest.raises(RuntimeError, match="positions must be a CPU int32 or int64"):
+        kernels.attend_grouped(*grouped, positions.float(), KEY_GROUP_SIZE, *values)
+    with pytest.raises(RuntimeError, match="positions outside the rotary table"):
+        kernels.attend_grouped(*grouped, positions + cos.shape[1] - 63, KEY_GROUP_SIZE, *values)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
