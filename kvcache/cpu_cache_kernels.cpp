@@ -639,9 +639,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> quantize_token(const at::Te
 // quantize_row of states [B, H, n, D] (float32, contiguous) written straight into a reserved layer's buffers at
 // positions old .. old + n - 1: codes [B, H, capacity, W] uint8, scale and zero [B, H, capacity, 1] float32 (any
 // strides). One call instead of quantize_token and three appends (a decode step's ~30 us of tensor ops per layer).
-// Returns whether the states were finite (the caller raises; nothing past the filled views is read).
-bool quantize_append(const at::Tensor& x, at::Tensor codes, at::Tensor scale, at::Tensor zero, int64_t old,
-                     int64_t bits, double qmin, double qmax) {
+// Returns whether the states were finite (the caller raises; nothing past the filled views is read) and the
+// buffers' views of positions 0 .. old + n - 1 (what the layer holds next, made here rather than by three narrows in
+// Python).
+std::tuple<bool, at::Tensor, at::Tensor, at::Tensor> quantize_append(const at::Tensor& x, at::Tensor codes,
+                                                                     at::Tensor scale, at::Tensor zero, int64_t old,
+                                                                     int64_t bits, double qmin, double qmax) {
   check(x, at::kFloat, 4, "states");
   TORCH_CHECK(x.is_contiguous(), "states must be contiguous");
   const int64_t B = x.size(0), H = x.size(1), n = x.size(2), D = x.size(3), W = bits == 8 ? D : D / 2;
@@ -669,7 +672,7 @@ bool quantize_append(const at::Tensor& x, at::Tensor codes, at::Tensor scale, at
                               zero.data_ptr<float>() + offset(zero, b, h, p)) &&
                  finite;
       }
-  return finite;
+  return {finite, codes.narrow(2, 0, old + n), scale.narrow(2, 0, old + n), zero.narrow(2, 0, old + n)};
 }
 
 }  // namespace

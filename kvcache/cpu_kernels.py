@@ -21,8 +21,9 @@ each code before the product, so no large terms cancel):
   (``QuantizedKVLayer``'s decode steps: no quantized temporaries and no appends).
 
 4-bit codes hold the even channel in the low nibble; the scoring and value kernels take the query (and give the
-output) in split order (even channels, then odd ones); the decode-step calls reorder in and out themselves. The build (``kvcache.cpp_kernels.build_cpu_extension``: gcc, ``-O3 -march=native
--fopenmp``, about half a minute the first time) is reused by later processes. Any failure logs one warning and yields
+output) in split order (even channels, then odd ones); the decode-step calls reorder in and out themselves. The
+build (``kvcache.cpp_kernels.build_cpu_extension``: gcc, ``-O3 -march=native -fopenmp``, about half a minute the
+first time) is reused by later processes. Any failure logs one warning and yields
 ``None``, and attention falls back to the plain-torch blocks of ``kvcache.chunked_attention``.
 """
 from pathlib import Path
@@ -57,10 +58,13 @@ def quantize_token_cpu(kernels, states, bits: int, qmin: int, qmax: int):
     return codes.view(b, h, n, -1), scale.view(b, h, n, 1), zero.view(b, h, n, 1)
 
 
-def quantize_append_cpu(kernels, states, codes, scale, zero, old: int, bits: int, qmin: int, qmax: int) -> None:
+def quantize_append_cpu(kernels, states, codes, scale, zero, old: int, bits: int, qmin: int, qmax: int):
     """``quantize_token_cpu``'s rows of float32 CPU states [b, h, n, d] written into reserved buffers [b, h, capacity,
-    .] at positions ``old`` .. ``old + n - 1`` (nothing else touched, so a raise leaves the filled part as it was)."""
-    _check_finite(kernels.quantize_append(states.contiguous(), codes, scale, zero, old, bits, qmin, qmax))
+    .] at positions ``old`` .. ``old + n - 1`` (nothing else touched, so a raise leaves the filled part as it was);
+    returns the buffers' views of positions 0 .. old + n - 1."""
+    finite, *views = kernels.quantize_append(states.contiguous(), codes, scale, zero, old, bits, qmin, qmax)
+    _check_finite(finite)
+    return views
 
 
 def _check_finite(finite: bool) -> None:

@@ -98,27 +98,31 @@ class QuantizedKVLayer(DynamicLayer):
         setattr(self, name, view)
         self._views[name] = view
 
-    def _quantize_into(self, names, states: torch.Tensor):
-        """Per-token quantization of float32 CPU ``states`` written by one kernel call straight into the reserved
-        buffers of ``names`` (codes, scale, zero), past the views this layer last set there, when those are still
-        its states and there is room: a decode step's quantize and three appends without their ~30 us of tensor
-        ops. Returns the grown views for ``_set_views`` (nothing is committed before), or None where it does not
-        apply (the caller quantizes and appends). The codes are ``_quantize``'s bit for bit."""
-        if (self.granularity != "token" or self.storage_dtype is not None or states.device.type != "cpu"
-                or states.dtype != torch.float32):
+    def _quantize_into(self, names, *states: torch.Tensor):
+        """Per-token quantization of float32 CPU ``states`` (one tensor per three ``names``: codes, scale, zero)
+        written by one kernel call each straight into the reserved buffers of ``names``, past the views this layer
+        last set there, when those are still its states and there is room: a decode step's quantize and appends
+        without their ~30 us of tensor ops per tensor. Returns the grown views for ``_set_views`` (nothing is committed
+        before), or None where it does not apply (the caller quantizes and appends). The codes are ``_quantize``'s
+        bit for bit."""
+        if (self.granularity != "token" or self.storage_dtype is not None or states[0].device.type != "cpu"
+                or any(s.dtype != torch.float32 for s in states)):
             return None
         views = [getattr(self, name) for name in names]
         if any(view is None or view is not self._views.get(name) for name, view in zip(names, views)):
             return None
         buffers = [self._buffers[name] for name in names]
-        old, new = views[0].shape[-2], states.shape[-2]
-        if old + new > buffers[0].shape[-2] or buffers[0].shape[:2] != states.shape[:2]:
+        old, new = views[0].shape[-2], states[0].shape[-2]
+        if old + new > buffers[0].shape[-2] or buffers[0].shape[:2] != states[0].shape[:2]:
             return None
         kernels = load_cpu_kernels()
         if kernels is None:
             return None
-        quantize_append_cpu(kernels, states, *buffers, old, self.bits, self.qmin, self.qmax)
-        return [buffer.narrow(-2, 0, old + new) for buffer in buffers]
+        grown = []
+        for i, part in enumerate(states):
+            grown += quantize_append_cpu(kernels, part, *buffers[3 * i:3 * i + 3], old, self.bits, self.qmin,
+                                         self.qmax)
+        return grown
 
     def _set_views(self, names, views) -> None:
         for name, view in zip(names, views):
@@ -164,12 +168,9 @@ class QuantizedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if self.key_layout == "channel_groups":
             return self._update_grouped(key_states, value_states, (cache_kwargs or {}).get("positions"))
-        key_names, value_names = self._names[:3], self._names[3:6]
-        key_views = self._quantize_into(key_names, key_states)
-        value_views = None if key_views is None else self._quantize_into(value_names, value_states)
-        if value_views is not None:  # both written: commit together (a non-finite value raised before this)
-            self._set_views(key_names, key_views)
-            self._set_views(value_names, value_views)
+        views = self._quantize_into(self._names, key_states, value_states)
+        if views is not None:  # both written: commit together (a non-finite value raised before this)
+            self._set_views(self._names, views)
         else:
             for name, new in zip(self._names, (*self._quantize(key_states), *self._quantize(value_states))):
                 self._append(name, new)

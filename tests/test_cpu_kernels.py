@@ -138,10 +138,11 @@ def merge(t):
 def test_decode_call_equals_its_kernels_composed_in_torch(kernels, bits, layout, states):
     """`attend_token` / `attend_grouped` take the cache's own [b, h, ...] tensors (reserved views, stored dtype, int32
     positions) and do the reshapes, conversions, -(zero * scale) and 4-bit channel order in C++: bit for bit what the
-    scoring and value kernels give on inputs prepared with tensor ops (q split, positions int64, ...), softmax between."""
+    scoring and value kernels give on inputs prepared with tensor ops (q split, positions int64, ...), softmax
+    between."""
     b, h, kv_len, d = 2, 3, 200, 64
     g = torch.Generator().manual_seed(7)
-    key, value = torch.randn(b, h, kv_len, d, generator=g).to(states), torch.randn(b, h, kv_len, d, generator=g).to(states)
+    key, value = (torch.randn(b, h, kv_len, d, generator=g).to(states) for _ in range(2))
     positions = torch.arange(kv_len)[None].repeat(b, 1)
     positions[1, :5] = -1
     cache = QuantizedKVCache(bits=bits, key_layout=layout, capacity=kv_len + 40)
@@ -231,7 +232,7 @@ def test_quantize_token_is_bit_identical_to_quantize_cache_v(kernels, bits):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_append_writes_quantize_tokens_rows_into_the_buffers(kernels, bits):
     """quantize_append: the rows of quantize_token, bit for bit, at positions old.. of strided [b, h, capacity, .]
-    buffers, nothing else touched; the finite flag; shape errors."""
+    buffers, nothing else touched; the finite flag; the buffers' views of the filled positions; shape errors."""
     from kvcache.cpu_kernels import quantize_token_cpu
 
     g = torch.Generator().manual_seed(10 + bits)
@@ -240,12 +241,15 @@ def test_quantize_append_writes_quantize_tokens_rows_into_the_buffers(kernels, b
     width = 64 if bits == 8 else 32
     codes = torch.full((2, 3, 10, width + 3), 7, dtype=torch.uint8)[..., :width]  # rows with a gap: strided
     scale, zero = torch.full((2, 3, 10, 1), 9.0), torch.full((2, 3, 10, 1), 9.0)
-    assert kernels.quantize_append(x, codes, scale, zero, 5, bits, 0, 2**bits - 1)
-    for got, want in zip((codes, scale, zero), quantize_token_cpu(kernels, x, bits, 0, 2**bits - 1)):
+    finite, *views = kernels.quantize_append(x, codes, scale, zero, 5, bits, 0, 2**bits - 1)
+    assert finite
+    for got, view, want in zip((codes, scale, zero), views, quantize_token_cpu(kernels, x, bits, 0, 2**bits - 1)):
         assert torch.equal(got[:, :, 5:9], want)
         assert (got[:, :, :5] == (7 if got.dtype == torch.uint8 else 9)).all() and (got[:, :, 9:] != 0).all()
+        assert view.data_ptr() == got.data_ptr() and view.stride() == got.stride()
+        assert view.shape == got[:, :, :9].shape and torch.equal(view, got[:, :, :9])
     x[0, 1, 2, 3] = float("inf")
-    assert not kernels.quantize_append(x, codes, scale, zero, 0, bits, 0, 2**bits - 1)
+    assert not kernels.quantize_append(x, codes, scale, zero, 0, bits, 0, 2**bits - 1)[0]
     with pytest.raises(RuntimeError, match="capacity"):
         kernels.quantize_append(x, codes, scale, zero, 7, bits, 0, 2**bits - 1)  # 7 + 4 positions > 10
     with pytest.raises(RuntimeError, match="contiguous bytes"):

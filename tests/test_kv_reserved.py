@@ -83,8 +83,9 @@ def test_reserved_layer_decode_appends_in_place_and_falls_back_when_anything_cha
     assert torch.equal(keys[..., 0, :], torch.full_like(k2[..., 0, :], 7.0)) and keys.shape[-2] == 7
     with pytest.raises(RuntimeError):  # another head count cannot be appended to these states
         cache.update(torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8), 0)
+    full = cache.layers[0]._buffers["keys"]  # held, so that the grown buffer cannot reuse its memory
     keys, values = cache.update(*steps(lengths=(2,), seed=4)[0], 0)  # past the 8 reserved: grows exactly
-    assert keys.shape[-2] == 9 and keys.data_ptr() != buffer
+    assert keys.shape[-2] == 9 and keys.data_ptr() != full.data_ptr()
     wide = torch.zeros(2, 3, 1, 8, dtype=torch.float64)
     keys, _ = cache.update(wide, wide, 0)  # another dtype: the general path's new buffer, not a silent cast
     assert keys.dtype == torch.float64 and keys.shape[-2] == 10
