@@ -675,6 +675,26 @@ std::tuple<bool, at::Tensor, at::Tensor, at::Tensor> quantize_append(const at::T
   return {finite, codes.narrow(2, 0, old + n), scale.narrow(2, 0, old + n), zero.narrow(2, 0, old + n)};
 }
 
+// kvcache.reserved.append's in-place case in one call (a decode step appends two or more tensors per layer, each
+// ~7 us as Python tensor ops): when `filled` is a prefix of `buffer` along `dim` (same start, strides and other
+// sizes) with room after it for `fresh` of the same dtype, device and other sizes, copies `fresh` there and returns
+// the grown view; otherwise nothing (the caller takes the general path).
+c10::optional<at::Tensor> append_in_place(const at::Tensor& buffer, const at::Tensor& filled, const at::Tensor& fresh,
+                                          int64_t dim) {
+  const int64_t rank = fresh.dim();
+  if (rank == 0 || buffer.dim() != rank || filled.dim() != rank || filled.numel() == 0) return c10::nullopt;
+  dim = at::maybe_wrap_dim(dim, rank);
+  const int64_t old = filled.size(dim), n = fresh.size(dim);
+  if (filled.data_ptr() != buffer.data_ptr() || filled.strides() != buffer.strides() || buffer.size(dim) < old + n ||
+      buffer.scalar_type() != fresh.scalar_type() || filled.scalar_type() != fresh.scalar_type() ||
+      buffer.device() != fresh.device())
+    return c10::nullopt;
+  for (int64_t d = 0; d < rank; ++d)
+    if (d != dim && (buffer.size(d) != fresh.size(d) || buffer.size(d) != filled.size(d))) return c10::nullopt;
+  buffer.narrow(dim, old, n).copy_(fresh);
+  return buffer.narrow(dim, 0, old + n);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -686,4 +706,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_token", &attend_token, "decode attention over a token-layout quantized layer");
   m.def("attend_grouped", &attend_grouped, "decode attention over a channel_groups quantized layer");
   m.def("attend_float", &attend_float, "decode attention over a float32 layer");
+  m.def("append_in_place", &append_in_place, "reserved.append's in-place case: fresh copied after filled");
 }

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kvcache.cpu_kernels import load_cpu_kernels
+
 
 def append(buffer: torch.Tensor | None, filled: torch.Tensor | None, new: torch.Tensor, dim: int,
            capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,8 +22,14 @@ def append(buffer: torch.Tensor | None, filled: torch.Tensor | None, new: torch.
 
     Writes in place when ``filled`` is a prefix view of ``buffer`` and the buffer has room; otherwise allocates
     ``max(capacity, needed)`` positions and copies ``filled`` over. ``filled`` may be any tensor (or None / empty):
-    one that is not a view of ``buffer`` (e.g. after ``reorder_cache``) is simply copied."""
+    one that is not a view of ``buffer`` (e.g. after ``reorder_cache``) is simply copied. On CPU the in-place case is
+    one call of the CPU kernels' ``append_in_place`` (the same checks and copy) when they are built."""
     dim = dim % new.dim()
+    if buffer is not None and filled is not None and new.device.type == "cpu":
+        kernels = load_cpu_kernels()
+        view = None if kernels is None else kernels.append_in_place(buffer, filled, new, dim)
+        if view is not None:
+            return buffer, view
     old = 0 if filled is None or filled.numel() == 0 else filled.shape[dim]
     needed = old + new.shape[dim]
     in_place = (buffer is not None and old > 0 and filled.data_ptr() == buffer.data_ptr()
