@@ -18,13 +18,17 @@ each code before the product, so no large terms cancel):
 * ``quantize_token``: the per-token quantizer of ``kvcache.quantize_cache`` for float32 states, bit-identical, one
   call instead of ~20 small tensor ops (``QuantizedKVLayer`` uses it on CPU);
 * ``quantize_append``: the same rows written straight into a reserved layer's buffers after its filled positions
-  (``QuantizedKVLayer``'s decode steps: no quantized temporaries and no appends).
+  (``QuantizedKVLayer``'s decode steps: no quantized temporaries and no appends);
+* ``append_in_place``: ``kvcache.reserved.append``'s in-place case (checks and copy) in one call, for any CPU cache
+  tensor.
+
+The scoring and value loops prefetch the codes 2 KiB ahead of the position they read (``PREFETCH_BYTES``).
 
 4-bit codes hold the even channel in the low nibble; the scoring and value kernels take the query (and give the
 output) in split order (even channels, then odd ones); the decode-step calls reorder in and out themselves. The
 build (``kvcache.cpp_kernels.build_cpu_extension``: gcc, ``-O3 -march=native -fopenmp``, about half a minute the
-first time) is reused by later processes. Any failure logs one warning and yields
-``None``, and attention falls back to the plain-torch blocks of ``kvcache.chunked_attention``.
+first time) is reused by later processes. Any failure logs one warning and yields ``None``, and attention falls
+back to the plain-torch blocks of ``kvcache.chunked_attention`` (and appends to the tensor ops).
 """
 from pathlib import Path
 
