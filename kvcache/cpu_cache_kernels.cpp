@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -440,10 +441,6 @@ at::Tensor reorder_channels(const at::Tensor& x, bool to_split) {
 // The decode-step entry points take the cache's own tensors, [B, H, ...] views into its reserved buffers in the
 // stored dtypes, and do here the reshapes, float32 conversions and channel reordering that cost a few microseconds
 // each as Python tensor ops (~50 us a layer and step for the 4-bit cache).
-void check_heads(const at::Tensor& t, const at::Tensor& query, const char* name) {
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == query.size(0) && t.size(1) == query.size(1), name,
-              " must be [batch, heads, ...] like the query [", query.size(0), ", ", query.size(1), ", ...]");
-}
 
 // [B, H, n, W] -> [B * H, n, W] (a view of a reserved buffer).
 at::Tensor head_rows(const at::Tensor& t) { return t.flatten(0, 1); }
@@ -456,9 +453,15 @@ c10::optional<at::Tensor> float_mask(const c10::optional<at::Tensor>& mask) {
   return mask->to(at::kFloat);
 }
 
-void check_query(const at::Tensor& query) {
+// A floating-point CPU query [B, H, Q, D] and the layer's tensors, each [B, H, ...] (their dtypes and the rest of their
+// shapes are the scoring and value kernels' checks).
+void check_step(const at::Tensor& query,
+                std::initializer_list<std::pair<const at::Tensor*, const char*>> layer) {
   TORCH_CHECK(query.dim() == 4 && query.device().is_cpu() && at::isFloatingType(query.scalar_type()),
               "query must be a floating-point CPU tensor [batch, heads, q, head_dim]");
+  for (const auto& [t, name] : layer)
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == query.size(0) && t->size(1) == query.size(1), name,
+                " must be [batch, heads, ...] like the query [", query.size(0), ", ", query.size(1), ", ...]");
 }
 
 // out [B * H, Q, D] float32 (split order for 4-bit values) -> [B, H, Q, D] in natural order and the query's dtype.
@@ -473,11 +476,8 @@ at::Tensor attend_token(const at::Tensor& query, const at::Tensor& key_codes, co
                         const at::Tensor& key_zero, const at::Tensor& value_codes, const at::Tensor& value_scale,
                         const at::Tensor& value_zero, const c10::optional<at::Tensor>& mask, double scale,
                         int64_t bits) {
-  check_query(query);
-  const std::pair<const at::Tensor*, const char*> cache[] = {
-      {&key_codes, "key codes"}, {&key_scale, "key scale"},     {&key_zero, "key zero"},
-      {&value_codes, "value codes"}, {&value_scale, "value scale"}, {&value_zero, "value zero"}};
-  for (const auto& [t, name] : cache) check_heads(*t, query, name);
+  check_step(query, {{&key_codes, "key codes"}, {&key_scale, "key scale"}, {&key_zero, "key zero"},
+                     {&value_codes, "value codes"}, {&value_scale, "value scale"}, {&value_zero, "value zero"}});
   const int64_t heads = query.size(1), D = query.size(3);
   auto q = query.to(at::kFloat).flatten(0, 1);
   q = bits == 4 ? reorder_channels(q, true) : q.contiguous();
@@ -496,11 +496,8 @@ at::Tensor attend_grouped(const at::Tensor& query, const at::Tensor& q_key, cons
                           const at::Tensor& sin, const at::Tensor& positions, int64_t group,
                           const at::Tensor& value_codes, const at::Tensor& value_scale, const at::Tensor& value_zero,
                           const c10::optional<at::Tensor>& mask, double softmax_scale) {
-  check_query(query);
-  const std::pair<const at::Tensor*, const char*> cache[] = {
-      {&q_key, "key codes"},         {&key_scale, "key scale"},     {&key_zero, "key zero"}, {&residual, "residual"},
-      {&value_codes, "value codes"}, {&value_scale, "value scale"}, {&value_zero, "value zero"}};
-  for (const auto& [t, name] : cache) check_heads(*t, query, name);
+  check_step(query, {{&q_key, "key codes"}, {&key_scale, "key scale"}, {&key_zero, "key zero"}, {&residual, "residual"},
+                     {&value_codes, "value codes"}, {&value_scale, "value scale"}, {&value_zero, "value zero"}});
   const int64_t heads = query.size(1), D = query.size(3);
   auto scores = grouped_scores(query.to(at::kFloat).flatten(0, 1).contiguous(), head_rows(q_key),
                                key_scale.flatten(0, 1).to(at::kFloat), key_zero.flatten(0, 1).to(at::kFloat),

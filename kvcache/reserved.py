@@ -23,7 +23,7 @@ def append(buffer: torch.Tensor | None, filled: torch.Tensor | None, new: torch.
     Writes in place when ``filled`` is a prefix view of ``buffer`` and the buffer has room; otherwise allocates
     ``max(capacity, needed)`` positions and copies ``filled`` over. ``filled`` may be any tensor (or None / empty):
     one that is not a view of ``buffer`` (e.g. after ``reorder_cache``) is simply copied. On CPU the in-place case is
-    one call of the CPU kernels' ``append_in_place`` (the same checks and copy) when they are built."""
+    one call of the CPU kernels' ``append_in_place`` (these same checks and copy) when they are built."""
     dim = dim % new.dim()
     if buffer is not None and filled is not None and new.device.type == "cpu":
         kernels = load_cpu_kernels()
@@ -34,8 +34,9 @@ def append(buffer: torch.Tensor | None, filled: torch.Tensor | None, new: torch.
     needed = old + new.shape[dim]
     in_place = (buffer is not None and old > 0 and filled.data_ptr() == buffer.data_ptr()
                 and filled.stride() == buffer.stride() and buffer.shape[dim] >= needed
-                and buffer.dtype == new.dtype and buffer.device == new.device
-                and buffer.shape[:dim] == new.shape[:dim] and buffer.shape[dim + 1:] == new.shape[dim + 1:])
+                and buffer.dtype == new.dtype == filled.dtype and buffer.device == new.device
+                and buffer.shape[:dim] == new.shape[:dim] == filled.shape[:dim]
+                and buffer.shape[dim + 1:] == new.shape[dim + 1:] == filled.shape[dim + 1:])
     if not in_place:
         size = list(new.shape)
         size[dim] = max(capacity, needed)

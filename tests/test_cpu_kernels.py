@@ -5,7 +5,7 @@ fused float32 decode attention (`attend_float`) against the model's plain matmul
 import pytest
 import torch
 
-from kvcache.blocked_attention import attention_blocked
+from kvcache.blocked_attention import _merge_nibbles, _split_nibbles, attention_blocked
 from kvcache.cpu_kernels import attend_float_cpu, load_cpu_kernels
 from kvcache.quantize_cache import KEY_GROUP_SIZE
 from kvcache.quantized_attention import attention_torch, quantized_attention
@@ -124,15 +124,6 @@ def test_auto_on_cpu_uses_the_kernels_for_decode(monkeypatch):
     torch.testing.assert_close(quantized_attention(query, past, None, None), want, atol=ATOL, rtol=RTOL)
 
 
-def split(t):
-    return torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1)
-
-
-def merge(t):
-    half = t.shape[-1] // 2
-    return torch.stack((t[..., :half], t[..., half:]), dim=-1).flatten(-2)
-
-
 @pytest.mark.parametrize("bits,layout", LAYOUTS)
 @pytest.mark.parametrize("states", [torch.float32, torch.bfloat16])
 def test_decode_call_equals_its_kernels_composed_in_torch(kernels, bits, layout, states):
@@ -168,11 +159,11 @@ def test_decode_call_equals_its_kernels_composed_in_torch(kernels, bits, layout,
     else:
         got = kernels.attend_token(query, *keys, *values, mask, scale, bits)
         q_key, key_scale, key_zero = keys
-        scores = kernels.token_scores(split(q) if bits == 4 else q, q_key.reshape(rows, kv_len, -1),
+        scores = kernels.token_scores(_split_nibbles(q) if bits == 4 else q, q_key.reshape(rows, kv_len, -1),
                                       key_scale.reshape(rows, -1).float(), key_zero.reshape(rows, -1).float(), bits)
     probs = torch.softmax((scores * scale).view(b, h, 1, kv_len) + mask, dim=-1).view(rows, 1, kv_len)
     out = kernels.token_values(probs, vcodes, vs, vz, bits, d)
-    want = (merge(out) if bits == 4 else out).reshape(b, h, 1, d).to(states)
+    want = (_merge_nibbles(out) if bits == 4 else out).reshape(b, h, 1, d).to(states)
     assert got.dtype == states
     assert torch.equal(got, want)
 

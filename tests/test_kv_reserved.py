@@ -43,23 +43,12 @@ def test_append_copies_a_tensor_that_is_not_a_view_of_the_buffer():
 
 
 @pytest.mark.parametrize("case", ["in place", "replaced", "narrowed heads", "full", "other dtype", "empty"])
-def test_append_in_place_kernel_matches_the_python_path(monkeypatch, case):
+def test_append_in_place_kernel_matches_the_python_path(monkeypatch, kernel_calls, case):
     """On CPU `append` takes the kernels' `append_in_place` for its in-place case: the same buffer and view as the
     tensor ops (with the kernels unavailable), in place exactly when those write in place."""
     import kvcache.cpu_kernels as cpu_kernels
-    import kvcache.reserved as reserved
 
-    calls = []
-    real = cpu_kernels.load_cpu_kernels()
-    assert real is not None, "the CPU kernels must build here"
-
-    class Counting:
-        def append_in_place(self, *args):
-            calls.append(1)
-            return real.append_in_place(*args)
-
-    def run(kernels):
-        monkeypatch.setattr(reserved, "load_cpu_kernels", lambda: kernels)
+    def run():
         g = torch.Generator().manual_seed(0)
         buffer, view = append(None, None, torch.randn(2, 3, 4, 8, generator=g), -2, capacity=6)
         new = torch.randn(2, 3, 1 if case != "full" else 3, 8, generator=g)
@@ -74,11 +63,14 @@ def test_append_in_place_kernel_matches_the_python_path(monkeypatch, case):
         grown, out = append(buffer, view, new, -2, capacity=6)
         return buffer, grown, out
 
-    buffer, grown, got = run(Counting())
+    with kernel_calls(cpu_kernels.load_cpu_kernels) as calls:
+        buffer, grown, got = run()
     in_place = grown is buffer
-    assert in_place == (case == "in place") and len(calls) == 1
-    _, grown_plain, want = run(None)
-    assert torch.equal(got, want) and got.dtype == want.dtype and (grown_plain.data_ptr() == _.data_ptr()) == in_place
+    assert in_place == (case == "in place") and calls == ["append_in_place"]
+    monkeypatch.setitem(cpu_kernels._state, False, None)
+    plain_buffer, grown_plain, want = run()
+    assert torch.equal(got, want) and got.dtype == want.dtype
+    assert (grown_plain.data_ptr() == plain_buffer.data_ptr()) == in_place
 
 
 def test_reserved_float_cache_matches_dynamic_cache():
