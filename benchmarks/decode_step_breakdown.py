@@ -3,7 +3,8 @@
 
 Each checkpoint (float or GPTQ, Qwen v1 layout) gets a --context-token random prompt in a reserved float cache (as
 `generate()` uses), 3 untimed decode steps, then --steps timed ones; the linear layers and the lm_head are timed by
-wrapping their forward (wall time, so thread pools and Python in them count).
+wrapping their forward (wall time, so thread pools and Python in them count): each block's c_attn and attn.c_proj,
+and its MLP whole (three layers and the SwiGLU gate, which GPTQ layers run as one call at decode).
 
     python benchmarks/decode_step_breakdown.py FLOAT32_DIR INT8_DIR INT4_DIR --threads 2
 """
@@ -37,8 +38,8 @@ def timed(module, totals: dict, key: str) -> None:
 def breakdown(path: str, context: int, steps: int) -> dict:
     model = QWenLMHeadModel.from_pretrained(path).eval()
     totals = {"block linears": 0.0, "lm_head": 0.0}
-    for name, module in model.named_modules():
-        if name.startswith("transformer.h.") and type(module).__name__ in ("Linear", "QuantLinear"):
+    for block in model.transformer.h:  # the MLP whole: GPTQ layers run it as one fused call at decode
+        for module in (block.attn.c_attn, block.attn.c_proj, block.mlp):
             timed(module, totals, "block linears")
     timed(model.lm_head, totals, "lm_head")
     ids = torch.randint(100, model.config.vocab_size - 100, (1, context), generator=torch.Generator().manual_seed(0))

@@ -146,9 +146,24 @@ class CpuGptqWeight:
                 y.add_(self.bias)
         return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*lead, self.out_features)
 
+    def layer(self) -> tuple:
+        """(words, scales, zeros, group_words, bias or None): the layer as the kernels take it."""
+        return self.words, self.scales, self.zeros, self.group_words, self.bias
+
+    def takes_input_as_is(self) -> bool:
+        """Whether the words' rows are the layer's inputs in order (no act-order gather, no padding)."""
+        return self.gather is None and self.padded_in == self.in_features
+
     def nbytes(self) -> int:
         """Bytes this object holds beyond the checkpoint's buffers (repacked words, float16 zeros, gather index, float32
         bias)."""
         extra = [self.zeros, self.group_words] + ([] if self.gather is None else [self.words, self.gather]) + \
             ([] if self.bias is None else [self.bias])
         return sum(t.numel() * t.element_size() for t in extra)
+
+
+def gated_mlp(x2: torch.Tensor, w1: CpuGptqWeight, w2: CpuGptqWeight, c_proj: CpuGptqWeight) -> torch.Tensor:
+    """``c_proj(w1(x) * silu(w2(x)))`` for float32 x [rows < GEMV_ROWS, in] in one kernel call (the SwiGLU MLP of a
+    decoded token): w1 and w2 in one parallel region, no Python between the three layers. Equal to the three
+    ``matmul`` calls and F.silu to the bit. The layers must share bits and take their inputs as they are."""
+    return w1.kernels.gated_mlp(x2, w1.layer(), w2.layer(), c_proj.layer(), w1.bits)

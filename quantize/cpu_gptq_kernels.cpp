@@ -160,37 +160,75 @@ void gemv_words(const float* __restrict__ x, int64_t rows, int64_t x_stride, con
   }
 }
 
-// Threads take contiguous blocks of words (at least 16 each) into their own zeroed partial outputs, summed at the end,
-// then the bias (float32 [N], optional) is added: the same single rounding as adding it to the finished product.
+// A layer as gemv takes it: packed words, float16 scales and zero points, the groups' word offsets, optional bias.
+struct Layer {
+  at::Tensor words, scales, zeros, group_words;
+  c10::optional<at::Tensor> bias;
+};
+
+// Threads split a layer's words into this many contiguous blocks (at least 16 words each).
+int64_t word_parts(const Layer& layer) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), layer.words.size(0) / 16));
+}
+
+// Block `part` of `parts` of the words into its own zeroed partial output out [rows, N].
 template <int BITS>
-at::Tensor gemv_bits(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
-                     const at::Tensor& group_words, const c10::optional<at::Tensor>& bias) {
-  const int64_t n_words = words.size(0), n_total = words.size(1);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_words / 16));
-  const int64_t size = x.size(0) * n_total;
-  at::Tensor partial = at::empty({parts, x.size(0), n_total}, x.options());
+void gemv_part(const at::Tensor& x, const Layer& layer, float* out, int64_t part, int64_t parts) {
+  const int64_t n_words = layer.words.size(0), n_total = layer.words.size(1);
+  std::fill(out, out + x.size(0) * n_total, 0.f);
+  gemv_words<BITS>(x.data_ptr<float>(), x.size(0), x.size(1),
+                   reinterpret_cast<const uint32_t*>(layer.words.data_ptr<int32_t>()), n_total,
+                   layer.scales.data_ptr<at::Half>(), layer.zeros.data_ptr<at::Half>(),
+                   layer.group_words.data_ptr<int64_t>(), layer.scales.size(0), out, n_words * part / parts,
+                   n_words * (part + 1) / parts);
+}
+
+// partial [parts, rows, N] -> its first block holds the sum of the parts plus the bias (float32 [N], optional): the
+// same single rounding as adding the bias to the finished product.
+at::Tensor finish_parts(at::Tensor partial, const c10::optional<at::Tensor>& bias) {
+  const int64_t parts = partial.size(0), rows = partial.size(1), n_total = partial.size(2), size = rows * n_total;
   float* out = partial.data_ptr<float>();
-  const auto* wp = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t part = begin; part < end; ++part) {
-      std::fill(out + part * size, out + (part + 1) * size, 0.f);
-      gemv_words<BITS>(x.data_ptr<float>(), x.size(0), x.size(1), wp, n_total, scales.data_ptr<at::Half>(),
-                       zeros.data_ptr<at::Half>(), group_words.data_ptr<int64_t>(), scales.size(0),
-                       out + part * size, n_words * part / parts, n_words * (part + 1) / parts);
-    }
-  });
   for (int64_t part = 1; part < parts; ++part) {  // a few thousand floats: no second parallel region
 #pragma omp simd
     for (int64_t i = 0; i < size; ++i) out[i] += out[part * size + i];
   }
   if (bias.has_value() && bias->defined()) {
     const float* b = bias->data_ptr<float>();
-    for (int64_t m = 0; m < x.size(0); ++m) {
+    for (int64_t m = 0; m < rows; ++m) {
 #pragma omp simd
       for (int64_t n = 0; n < n_total; ++n) out[m * n_total + n] += b[n];
     }
   }
   return partial[0];
+}
+
+template <int BITS>
+at::Tensor gemv_bits(const at::Tensor& x, const Layer& layer) {
+  const int64_t parts = word_parts(layer);
+  at::Tensor partial = at::empty({parts, x.size(0), layer.words.size(1)}, x.options());
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part)
+      gemv_part<BITS>(x, layer, partial[part].data_ptr<float>(), part, parts);
+  });
+  return finish_parts(partial, layer.bias);
+}
+
+// The SwiGLU MLP of a decoded token, c_proj(w1(x) * silu(w2(x))), in one call: w1 and w2 in one parallel region
+// (each thread its block of both), the gate by ATen's silu and mul (what the unfused layers run), then c_proj.
+// Each product is gemv_bits' to the bit, so the result equals the three layers called one by one.
+template <int BITS>
+at::Tensor gated_mlp_bits(const at::Tensor& x, const Layer& up, const Layer& gate, const Layer& proj) {
+  const int64_t parts = word_parts(up), gate_parts = word_parts(gate), rows = x.size(0);
+  at::Tensor up_partial = at::empty({parts, rows, up.words.size(1)}, x.options());
+  at::Tensor gate_partial = at::empty({gate_parts, rows, gate.words.size(1)}, x.options());
+  at::parallel_for(0, std::max(parts, gate_parts), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      if (part < parts) gemv_part<BITS>(x, up, up_partial[part].data_ptr<float>(), part, parts);
+      if (part < gate_parts) gemv_part<BITS>(x, gate, gate_partial[part].data_ptr<float>(), part, gate_parts);
+    }
+  });
+  at::Tensor hidden = finish_parts(up_partial, up.bias).mul_(at::silu(finish_parts(gate_partial, gate.bias)));
+  return gemv_bits<BITS>(hidden, proj);
 }
 
 void check_layer(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
@@ -209,22 +247,53 @@ void check_layer(const at::Tensor& words, const at::Tensor& scales, const at::Te
     TORCH_CHECK(gp[g] <= gp[g + 1], "group_words must be non-decreasing");
 }
 
+Layer make_layer(const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
+                 const at::Tensor& group_words, int64_t bits, const c10::optional<at::Tensor>& bias) {
+  check_layer(words, scales, zeros, group_words, bits);
+  if (bias.has_value() && bias->defined()) {
+    check(*bias, at::kFloat, 1, "bias");
+    TORCH_CHECK(bias->size(0) == words.size(1), "bias must have one value per output");
+  }
+  return {words, scales, zeros, group_words, bias};
+}
+
+void check_input(const at::Tensor& x, const Layer& layer, int64_t bits) {
+  check(x, at::kFloat, 2, "x");
+  TORCH_CHECK(x.size(1) == layer.words.size(0) * (32 / bits), "x must have 32 / bits columns per word");
+}
+
+// A layer from Python: (words, scales, zeros, group_words, bias or None).
+Layer layer_from(const py::tuple& t, int64_t bits) {
+  TORCH_CHECK(t.size() == 5, "a layer is (words, scales, zeros, group_words, bias or None)");
+  return make_layer(t[0].cast<at::Tensor>(), t[1].cast<at::Tensor>(), t[2].cast<at::Tensor>(),
+                    t[3].cast<at::Tensor>(), bits, t[4].cast<c10::optional<at::Tensor>>());
+}
+
 }  // namespace
 
 // y [rows, N] float32 for x [rows, K] float32, K = 32 / bits * words (zero-padded past the layer's inputs), plus the
 // optional float32 bias [N].
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& words, const at::Tensor& scales, const at::Tensor& zeros,
                 const at::Tensor& group_words, int64_t bits, const c10::optional<at::Tensor>& bias) {
-  check_layer(words, scales, zeros, group_words, bits);
-  check(x, at::kFloat, 2, "x");
-  TORCH_CHECK(x.size(1) == words.size(0) * (32 / bits), "x must have 32 / bits columns per word");
-  if (bias.has_value() && bias->defined()) {
-    check(*bias, at::kFloat, 1, "bias");
-    TORCH_CHECK(bias->size(0) == words.size(1), "bias must have one value per output");
-  }
-  if (bits == 2) return gemv_bits<2>(x, words, scales, zeros, group_words, bias);
-  if (bits == 4) return gemv_bits<4>(x, words, scales, zeros, group_words, bias);
-  return gemv_bits<8>(x, words, scales, zeros, group_words, bias);
+  const Layer layer = make_layer(words, scales, zeros, group_words, bits, bias);
+  check_input(x, layer, bits);
+  if (bits == 2) return gemv_bits<2>(x, layer);
+  if (bits == 4) return gemv_bits<4>(x, layer);
+  return gemv_bits<8>(x, layer);
+}
+
+// c_proj(w1(x) * silu(w2(x))) for x [rows, K] float32; w1 and w2 take x as it is, c_proj their product as it is (no
+// input gather or padding), all three with the same bits.
+at::Tensor gated_mlp(const at::Tensor& x, const py::tuple& w1, const py::tuple& w2, const py::tuple& c_proj,
+                     int64_t bits) {
+  const Layer up = layer_from(w1, bits), gate = layer_from(w2, bits), proj = layer_from(c_proj, bits);
+  check_input(x, up, bits);
+  check_input(x, gate, bits);
+  TORCH_CHECK(up.words.size(1) == gate.words.size(1), "w1 and w2 must have the same outputs");
+  TORCH_CHECK(proj.words.size(0) * (32 / bits) == up.words.size(1), "c_proj must take w1's outputs as its inputs");
+  if (bits == 2) return gated_mlp_bits<2>(x, up, gate, proj);
+  if (bits == 4) return gated_mlp_bits<4>(x, up, gate, proj);
+  return gated_mlp_bits<8>(x, up, gate, proj);
 }
 
 template <int BITS, typename T>
@@ -324,6 +393,7 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& w) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x @ W^T + bias for a few rows of float32 x, W read from packed GPTQ words");
+  m.def("gated_mlp", &gated_mlp, "c_proj(w1(x) * silu(w2(x))) for a few rows of float32 x, three GPTQ layers");
   m.def("dequantize", &dequantize, "W^T from packed GPTQ words, float32 or bfloat16");
   m.def("half_linear", &half_linear, "x @ w^T for float32 x and a float16 weight, in float32");
 #if defined(__AVX512F__)

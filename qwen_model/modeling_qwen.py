@@ -26,6 +26,7 @@ from kvcache.quantized_cache import QuantizedKVCache, QuantizedKVLayer
 from kvcache.reserved import ReservedCache
 from kvcache.rotary import apply_rotary_pos_emb, cos_sin_at, rotary_inv_freq
 from qwen_model.cpu_decode_ops import qkv_heads_cpu, rms_norm_cpu
+from quantize.quant_linear import gated_mlp_cpu
 
 from .configuration_qwen import QWenConfig
 from .qwen_generation_utils import DEFAULT_SYSTEM, decode_tokens, get_stop_words_ids, make_context
@@ -196,6 +197,9 @@ class QWenMLP(nn.Module):
         self.c_proj = nn.Linear(ff, config.hidden_size, bias=not config.no_bias)
 
     def forward(self, x):
+        fused = gated_mlp_cpu(x, self.w1, self.w2, self.c_proj)  # GPTQ layers, a decoded token on CPU: one call
+        if fused is not None:
+            return fused
         return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
 
 

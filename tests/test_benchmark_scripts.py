@@ -75,3 +75,14 @@ def test_prefill_speed(tiny_dir, tiny_int4):
         median, low, high, rate = (float(c) for c in cells[1:5])
         assert 0 < low <= median <= high and abs(rate - 40 / (median / 1e3)) < 0.02 * rate
     assert rows[0][5].strip() == "1.00x" and rows[1][5].strip().endswith("x")
+
+
+def test_stream_and_cold_calls():
+    out = run("stream_and_cold_calls.py", "--threads", 1, "--sweep-mb", 8, "--rounds", 2, "--max-mib", 2,
+              "--columns", 64, 256)
+    bandwidth = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| [12] \|", line)]
+    calls = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| (64|256) \| \d+ \|", line)]
+    assert len(bandwidth) == 2 and all(float(cells[1]) > 0 for cells in bandwidth)
+    assert [int(cells[1]) for cells in calls] == [18, 72]  # 576 / 8 words x N x 4 bytes, in KiB
+    for cells in calls:
+        assert all(float(cell.split("(")[0]) > 0 for cell in cells[2:])

@@ -146,6 +146,76 @@ def test_edge_inputs():
     assert not torch.isfinite(y[1:]).any() and torch.equal(y[0], torch.zeros(64))
 
 
+def cpu_layer(kernels, out_features, in_features, bits, group_size, sym=True, desc_act=False, seed=0, bias=True):
+    res = solved(out_features, in_features, bits, group_size, sym, desc_act, seed)
+    ref = reference(res, bits, group_size, bias=torch.randn(out_features) if bias else None)
+    return ref, cpu_gptq.CpuGptqWeight(ref.qweight, ref.qzeros, ref.scales, ref.g_idx, bits, group_size,
+                                       ref.checkpoint_format, kernels=kernels, bias=ref.bias)
+
+
+@pytest.mark.parametrize("bits,group_size,hidden,ff,rows,sym,bias", [
+    (4, 128, 576, 160, 1, True, False),  # SmolLM2's hidden size: a partial last group
+    (4, 32, 96, 160, 3, False, True),    # asymmetric
+    (8, 32, 64, 96, cpu_gptq.GEMV_ROWS - 1, False, True),
+    (2, 64, 128, 96, 2, True, False),    # a partial last group in c_proj
+    (8, -1, 64, 32, 1, True, True),      # per-channel
+])
+def test_gated_mlp_is_the_three_layers(kernels, bits, group_size, hidden, ff, rows, sym, bias):
+    """c_proj(w1(x) * silu(w2(x))) in one call equals the three GEMVs and F.silu to the bit, and the reference
+    layers to float32 rounding."""
+    ref1, w1 = cpu_layer(kernels, ff, hidden, bits, group_size, sym, seed=1, bias=bias)
+    ref2, w2 = cpu_layer(kernels, ff, hidden, bits, group_size, sym, seed=2, bias=bias)
+    ref3, c_proj = cpu_layer(kernels, hidden, ff, bits, group_size, sym, seed=3, bias=bias)
+    x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(rows))
+    got = cpu_gptq.gated_mlp(x, w1, w2, c_proj)
+    assert torch.equal(got, c_proj.matmul(w1.matmul(x) * torch.nn.functional.silu(w2.matmul(x))))
+    assert_close(got, ref3(ref1(x) * torch.nn.functional.silu(ref2(x))))
+
+
+def test_gated_mlp_refuses_layers_that_do_not_chain(kernels):
+    _, w1 = cpu_layer(kernels, 64, 96, 4, 32)
+    _, w2 = cpu_layer(kernels, 32, 96, 4, 32)
+    _, c_proj = cpu_layer(kernels, 96, 64, 4, 32)
+    x = torch.randn(1, 96)
+    with pytest.raises(RuntimeError, match="w1 and w2 must have the same outputs"):
+        cpu_gptq.gated_mlp(x, w1, w2, c_proj)
+    with pytest.raises(RuntimeError, match="c_proj must take w1's outputs"):
+        cpu_gptq.gated_mlp(x, w1, w1, w1)
+    with pytest.raises(RuntimeError, match="x must have 32 / bits columns per word"):
+        cpu_gptq.gated_mlp(torch.randn(1, 64), w1, w1, c_proj)
+    with pytest.raises(RuntimeError, match=r"a layer is \(words, scales, zeros, group_words, bias or None\)"):
+        kernels.gated_mlp(x, w1.layer()[:4], w1.layer(), c_proj.layer(), 4)
+
+
+def test_gated_mlp_cpu_takes_only_layers_it_computes_exactly():
+    """quant_linear.gated_mlp_cpu fuses three QuantLinear layers once their forward has chosen the CPU kernels, for
+    float32 decode rows; act-order layers (inputs gathered), other dtypes, prefill rows and the torch kernel go
+    through the layers one by one (None)."""
+    from quantize.quant_linear import gated_mlp_cpu
+
+    def layers(desc_act, kernel):
+        made = []
+        for seed, (out_features, in_features) in enumerate([(64, 96), (64, 96), (96, 64)]):
+            res = solved(out_features, in_features, 4, 32, desc_act=desc_act, seed=seed)
+            made.append(QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, None, 4, 32,
+                                                   kernel=kernel))
+        return made
+
+    x = torch.randn(2, 1, 96)
+    plain = layers(False, "cpu")
+    assert gated_mlp_cpu(x, *plain) is None  # no forward yet: nothing chosen
+    w1, w2, c_proj = plain
+    want = c_proj(w1(x) * torch.nn.functional.silu(w2(x)))
+    got = gated_mlp_cpu(x, *plain)
+    assert got.shape == (2, 1, 96) and torch.equal(got, want)
+    assert gated_mlp_cpu(x.double(), *plain) is None
+    assert gated_mlp_cpu(torch.randn(cpu_gptq.GEMV_ROWS, 96), *plain) is None
+    for desc_act, kernel in [(True, "cpu"), (False, "torch")]:
+        w1, w2, c_proj = other = layers(desc_act, kernel)
+        c_proj(w1(x) * torch.nn.functional.silu(w2(x)))
+        assert gated_mlp_cpu(x, *other) is None
+
+
 @pytest.mark.parametrize("rows,k", [(1, 576), (3, 100), (5, 16), (2, 7)])
 def test_half_linear(kernels, rows, k):
     """float16 weight [N, K] times float32 rows, in float32: vector body, 16-wide and scalar tails."""
@@ -225,3 +295,32 @@ def test_model_logits_match_reference(cli_checkpoint, qwen_tokenizer):
         assert (got - want).norm() / want.norm() < 1e-5
         kwargs = dict(max_new_tokens=8, do_sample=False)
         assert torch.equal(fast.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+
+
+def test_model_decodes_through_the_fused_mlp(cli_checkpoint, qwen_tokenizer, monkeypatch):
+    """generate() on the CPU kernels runs each decoded token's MLP as one gated_mlp call, with the logits of the
+    three layers called one by one to the bit."""
+    from qwen_model import modeling_qwen
+    from qwen_model.modeling_qwen import QWenLMHeadModel
+
+    model = QWenLMHeadModel.from_pretrained(cli_checkpoint, gptq_kernel="cpu")
+    ids = torch.tensor([qwen_tokenizer("One call for the whole MLP of a token.")["input_ids"]])
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    fused_calls = []
+    real = modeling_qwen.gated_mlp_cpu
+
+    def counted(*args):
+        out = real(*args)
+        fused_calls.append(out is not None)
+        return out
+
+    with torch.no_grad():
+        monkeypatch.setattr(modeling_qwen, "gated_mlp_cpu", counted)
+        fused = model.generate(ids, **kwargs)
+        monkeypatch.setattr(modeling_qwen, "gated_mlp_cpu", lambda *args: None)
+        unfused = model.generate(ids, **kwargs)
+    layers = model.config.num_hidden_layers
+    assert fused_calls.count(True) == 5 * layers  # the 5 decode steps after the prefill
+    assert torch.equal(fused.sequences, unfused.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fused.logits, unfused.logits))
