@@ -332,6 +332,29 @@ def test_attend_float_constant_zero_and_non_finite_states(kernels):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, equal_nan=True)
 
 
+def test_attend_float_split_softmax_edges(kernels):
+    """The one-pass kernel takes each block of 256 positions' softmax against its own maximum and merges the blocks:
+    blocks masked out entirely with -inf, near one-hot scores (exponents down to the float32 underflow) and a row
+    masked everywhere (NaN, as softmax gives) match the plain attention."""
+    b, h, kv_len, d = 2, 2, 700, 64
+    g = torch.Generator().manual_seed(3)
+    key, value = reserved_views(b, h, kv_len, d, g)
+    query = torch.randn(b, h, 1, d, generator=g)
+    mask = torch.zeros(b, 1, 1, kv_len)
+    mask[0, ..., :600] = float("-inf")  # blocks 0-1 and most of 2 of row 0
+    mask[1, ..., 300:] = float("-inf")
+    for q_scale in (1.0, 40.0):  # 40: scores spread over hundreds, exponents far below float32's range
+        want = eager_attention(query * q_scale, key, value, mask, 0.125)
+        got = kernels.attend_float((query * q_scale).reshape(b * h, 1, d), key.reshape(b * h, kv_len, d),
+                                   value.reshape(b * h, kv_len, d), mask, 0.125, h).view(b, h, 1, d)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    mask[1] = float("-inf")
+    got = kernels.attend_float(query.reshape(b * h, 1, d), key.reshape(b * h, kv_len, d),
+                               value.reshape(b * h, kv_len, d), mask, 0.125, h).view(b, h, 1, d)
+    assert got[1].isnan().all() and eager_attention(query, key, value, mask, 0.125)[1].isnan().all()
+    assert got[0].isfinite().all()
+
+
 def test_attend_float_cpu_applies_to_float32_decode_only():
     q, k = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 9, 64)
     assert attend_float_cpu(q, k, k, None, 0.125) is not None
