@@ -582,6 +582,38 @@ at::Tensor finish(at::Tensor out, const at::Tensor& query, bool split) {
   return out.reshape(query.sizes()).to(query.scalar_type());
 }
 
+// A token-layout decode step in one pass (attend_blocks): scores s_k[t] q . (k_q[t] - z_k[t]) as score_rows gives
+// them, values s_v[t] (v_q[t] - z_v[t]) weighted as value_rows weights them; the value codes of a block are fetched
+// into L2 while its keys are scored. q [R, Q, D] (split order for 4 bits); codes [R, T, W]; scales, zeros [R, T].
+template <int64_t W, int64_t BITS>
+at::Tensor token_rows(const at::Tensor& q, const at::Tensor& key_codes, const at::Tensor& key_scale,
+                      const at::Tensor& key_zero, const at::Tensor& value_codes, const at::Tensor& value_scale,
+                      const at::Tensor& value_zero, const c10::optional<at::Tensor>& mask, double scale,
+                      int64_t heads) {
+  const int64_t D = q.size(2), qs = q.stride(0);
+  const float* qp = q.data_ptr<float>();
+  const uint8_t* kc = key_codes.data_ptr<uint8_t>();
+  const uint8_t* vc = value_codes.data_ptr<uint8_t>();
+  const float* ks = key_scale.data_ptr<float>();
+  const float* kz = key_zero.data_ptr<float>();
+  const float* vs = value_scale.data_ptr<float>();
+  const float* vz = value_zero.data_ptr<float>();
+  const int64_t kcs = key_codes.stride(0), vcs = value_codes.stride(0), kss = key_scale.stride(0),
+                kzs = key_zero.stride(0), vss = value_scale.stride(0), vzs = value_zero.stride(0);
+  auto score = [&](int64_t r, int64_t i, int64_t t) {
+    const uint8_t* c = kc + r * kcs + t * W;
+    prefetch_ahead(c, W);
+    if (i == 0) __builtin_prefetch(vc + r * vcs + t * W, 0, 2);
+    return ks[r * kss + t] * dot<W, BITS>(qp + r * qs + i * D, c, kz[r * kzs + t]);
+  };
+  auto weigh = [&](float* acc, int64_t r, int64_t t0, int64_t t1, const float* p) {
+    std::fill(acc, acc + D, 0.f);
+    for (int64_t t = t0; t < t1; ++t)
+      axpy<W, BITS>(acc, p[t - t0] * vs[r * vss + t], vc + r * vcs + t * W, vz[r * vzs + t]);
+  };
+  return attend_blocks(q.size(0), q.size(1), key_codes.size(1), D, heads, mask, scale, score, weigh);
+}
+
 // One call for a decode step over a token-layout layer: softmax(s q . (k_q - z) * scale + mask) weighted values.
 // query [B, H, Q, D]; codes [B, H, T, W]; scales and zeros [B, H, T, 1]; mask optional, broadcasting to [B, H, Q, T].
 at::Tensor attend_token(const at::Tensor& query, const at::Tensor& key_codes, const at::Tensor& key_scale,
@@ -591,14 +623,31 @@ at::Tensor attend_token(const at::Tensor& query, const at::Tensor& key_codes, co
   check_step(query, {{&key_codes, "key codes"}, {&key_scale, "key scale"}, {&key_zero, "key zero"},
                      {&value_codes, "value codes"}, {&value_scale, "value scale"}, {&value_zero, "value zero"}});
   const int64_t heads = query.size(1), D = query.size(3);
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
   auto q = query.to(at::kFloat).flatten(0, 1);
   q = bits == 4 ? reorder_channels(q, true) : q.contiguous();
-  auto probs = probabilities(token_scores(q, head_rows(key_codes), position_rows(key_scale), position_rows(key_zero),
-                                          bits),
-                             scale, float_mask(mask), heads);
-  return finish(token_values(probs, head_rows(value_codes), position_rows(value_scale), position_rows(value_zero),
-                             bits, D),
-                query, bits == 4);
+  const auto kc = head_rows(key_codes), vc = head_rows(value_codes);
+  const auto ks = position_rows(key_scale), kz = position_rows(key_zero), vs = position_rows(value_scale),
+             vz = position_rows(value_zero);
+  const int64_t R = q.size(0), T = kc.size(1), W = bits == 8 ? D : D / 2;
+  for (const auto& [codes, name] : {std::pair<const at::Tensor*, const char*>{&kc, "key codes"}, {&vc, "value codes"}}) {
+    check(*codes, at::kByte, 3, name);
+    TORCH_CHECK(codes->size(0) == R && codes->size(1) == T && codes->size(2) == W && D % 2 == 0,
+                "codes do not fit q");
+  }
+  for (const auto* t : {&ks, &kz, &vs, &vz}) {
+    check(*t, at::kFloat, 2, "scale/zero");
+    TORCH_CHECK(t->size(0) == R && t->size(1) >= T, "scale/zero do not fit codes");
+  }
+  at::Tensor out;
+  switch (bits * 1000 + W) {
+    case 8064: out = token_rows<64, 8>(q, kc, ks, kz, vc, vs, vz, float_mask(mask), scale, heads); break;
+    case 8128: out = token_rows<128, 8>(q, kc, ks, kz, vc, vs, vz, float_mask(mask), scale, heads); break;
+    case 4032: out = token_rows<32, 4>(q, kc, ks, kz, vc, vs, vz, float_mask(mask), scale, heads); break;
+    case 4064: out = token_rows<64, 4>(q, kc, ks, kz, vc, vs, vz, float_mask(mask), scale, heads); break;
+    default: TORCH_CHECK(false, "CPU cache kernels take head_dim 64 or 128, got ", D);
+  }
+  return finish(out, query, bits == 4);
 }
 
 // The same for "channel_groups" keys and 4-bit token values: q_key [B, H, n * group, D / 2], key_scale and key_zero

@@ -12,11 +12,13 @@ each code before the product, so no large terms cancel):
 * ``attend_token`` / ``attend_grouped``: a whole decode step (scores, float32 softmax with the mask, values) in one
   call on the cache's own ``[b, h, ...]`` tensors (reserved views in their stored dtype, int32 positions), what
   ``kvcache.blocked_attention`` runs: the reshapes, float32 conversions and channel reordering happen in C++, not as
-  a dozen Python tensor ops per layer;
+  a dozen Python tensor ops per layer. ``attend_token`` reads the layer in one pass (below);
 * ``attend_float``: the same decode step over a float32 layer (``q·k``, float32 softmax with the mask, ``p @ V``),
-  what the model runs for a decoded token on CPU instead of ~8 small tensor ops (``attend_float_cpu``), in one pass
-  over the layer: each block of 256 positions takes its softmax against its own maximum and the blocks are merged
-  after (flash decoding's split softmax), with the block's values prefetched while its keys are scored;
+  what the model runs for a decoded token on CPU instead of ~8 small tensor ops (``attend_float_cpu``).
+
+One pass (``attend_float``, ``attend_token``): each block of 256 positions of a row takes its softmax against its own
+maximum, weights its values at once, and the blocks are merged after (flash decoding's split softmax); a block's
+values are prefetched while its keys are scored, and no scores tensor or softmax op comes between.
 * ``quantize_token``: the per-token quantizer of ``kvcache.quantize_cache`` for float32 states, bit-identical, one
   call instead of ~20 small tensor ops (``QuantizedKVLayer`` uses it on CPU);
 * ``quantize_append``: the same rows written straight into a reserved layer's buffers after its filled positions
