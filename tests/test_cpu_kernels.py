@@ -125,8 +125,8 @@ def test_auto_on_cpu_uses_the_kernels_for_decode(monkeypatch):
 
 
 @pytest.mark.parametrize("bits,layout", LAYOUTS)
-@pytest.mark.parametrize("states", [torch.float32, torch.bfloat16])
-def test_decode_call_equals_its_kernels_composed_in_torch(kernels, bits, layout, states):
+@pytest.mark.parametrize("states,q_len", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 3)])
+def test_decode_call_equals_its_kernels_composed_in_torch(kernels, bits, layout, states, q_len):
     """`attend_token` / `attend_grouped` take the cache's own [b, h, ...] tensors (reserved views, stored dtype, int32
     positions) and do the reshapes, conversions, -(zero * scale) and 4-bit channel order in C++: what the scoring and
     value kernels give on inputs prepared with tensor ops (q split, positions int64, ...), softmax between. Bit for
@@ -139,11 +139,11 @@ def test_decode_call_equals_its_kernels_composed_in_torch(kernels, bits, layout,
     positions[1, :5] = -1
     cache = QuantizedKVCache(bits=bits, key_layout=layout, capacity=kv_len + 40)
     keys, values = cache.update(key, value, 0, cache_kwargs={"positions": positions})
-    query = torch.randn(b, h, 1, d, generator=g).to(states)
-    mask = left_padding_mask(b, 1, kv_len, [0, 5])
+    query = torch.randn(b, h, q_len, d, generator=g).to(states)
+    mask = left_padding_mask(b, q_len, kv_len, [0, 5])  # q_len > 1: the "chunk" granularity's prefill queries
     scale = 0.125
     rows = b * h
-    q = query.float().reshape(rows, 1, d)
+    q = query.float().reshape(rows, q_len, d)
     q_value, value_scale, value_zero = values
     vcodes = q_value.reshape(rows, kv_len, -1)
     vs, vz = value_scale.reshape(rows, -1).float(), value_zero.reshape(rows, -1).float()
@@ -162,9 +162,9 @@ def test_decode_call_equals_its_kernels_composed_in_torch(kernels, bits, layout,
         q_key, key_scale, key_zero = keys
         scores = kernels.token_scores(_split_nibbles(q) if bits == 4 else q, q_key.reshape(rows, kv_len, -1),
                                       key_scale.reshape(rows, -1).float(), key_zero.reshape(rows, -1).float(), bits)
-    probs = torch.softmax((scores * scale).view(b, h, 1, kv_len) + mask, dim=-1).view(rows, 1, kv_len)
+    probs = torch.softmax((scores * scale).view(b, h, q_len, kv_len) + mask, dim=-1).view(rows, q_len, kv_len)
     out = kernels.token_values(probs, vcodes, vs, vz, bits, d)
-    want = (_merge_nibbles(out) if bits == 4 else out).reshape(b, h, 1, d).to(states)
+    want = (_merge_nibbles(out) if bits == 4 else out).reshape(b, h, q_len, d).to(states)
     assert got.dtype == states
     if layout == "channel_groups":
         assert torch.equal(got, want)
