@@ -205,10 +205,11 @@ at::Tensor finish_parts(at::Tensor partial, const c10::optional<at::Tensor>& bia
 template <int BITS>
 at::Tensor gemv_bits(const at::Tensor& x, const Layer& layer) {
   const int64_t parts = word_parts(layer);
+  const int64_t size = x.size(0) * layer.words.size(1);
   at::Tensor partial = at::empty({parts, x.size(0), layer.words.size(1)}, x.options());
+  float* out = partial.data_ptr<float>();
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t part = begin; part < end; ++part)
-      gemv_part<BITS>(x, layer, partial[part].data_ptr<float>(), part, parts);
+    for (int64_t part = begin; part < end; ++part) gemv_part<BITS>(x, layer, out + part * size, part, parts);
   });
   return finish_parts(partial, layer.bias);
 }
@@ -219,12 +220,15 @@ at::Tensor gemv_bits(const at::Tensor& x, const Layer& layer) {
 template <int BITS>
 at::Tensor gated_mlp_bits(const at::Tensor& x, const Layer& up, const Layer& gate, const Layer& proj) {
   const int64_t parts = word_parts(up), gate_parts = word_parts(gate), rows = x.size(0);
+  const int64_t size = rows * up.words.size(1);
   at::Tensor up_partial = at::empty({parts, rows, up.words.size(1)}, x.options());
   at::Tensor gate_partial = at::empty({gate_parts, rows, gate.words.size(1)}, x.options());
+  float* up_out = up_partial.data_ptr<float>();
+  float* gate_out = gate_partial.data_ptr<float>();
   at::parallel_for(0, std::max(parts, gate_parts), 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
-      if (part < parts) gemv_part<BITS>(x, up, up_partial[part].data_ptr<float>(), part, parts);
-      if (part < gate_parts) gemv_part<BITS>(x, gate, gate_partial[part].data_ptr<float>(), part, gate_parts);
+      if (part < parts) gemv_part<BITS>(x, up, up_out + part * size, part, parts);
+      if (part < gate_parts) gemv_part<BITS>(x, gate, gate_out + part * size, part, gate_parts);
     }
   });
   at::Tensor hidden = finish_parts(up_partial, up.bias).mul_(at::silu(finish_parts(gate_partial, gate.bias)));
