@@ -210,5 +210,7 @@ def gated_mlp_cpu(x: torch.Tensor, w1: nn.Module, w2: nn.Module, c_proj: nn.Modu
             or x.device.type != "cpu" or not 0 < rows < cpu_gptq.GEMV_ROWS or len({w1.bits, w2.bits, c_proj.bits}) != 1
             or (x.requires_grad and torch.is_grad_enabled())):
         return None
+    _log_once("QuantLinear: %d-bit SwiGLU MLPs of decoded tokens run as one gated_mlp call of the CPU kernels",
+              w1.bits)
     y = cpu_gptq.gated_mlp(x.reshape(rows, x.shape[-1]).contiguous(), *weights)
     return y.view(*x.shape[:-1], c_proj.out_features)

@@ -6,6 +6,7 @@ order of sums: relative error (Frobenius) below 1e-5 and elementwise below 1e-5 
 ~5e-7). bfloat16/float16 activations: the reference runs its GEMM in that dtype, ours in float32 rounded once at the
 end, so they agree to that dtype's rounding (2e-2 / 2e-3 relative).
 """
+import logging
 import subprocess
 import sys
 
@@ -187,11 +188,14 @@ def test_gated_mlp_refuses_layers_that_do_not_chain(kernels):
         kernels.gated_mlp(x, w1.layer()[:4], w1.layer(), c_proj.layer(), 4)
 
 
-def test_gated_mlp_cpu_takes_only_layers_it_computes_exactly():
+def test_gated_mlp_cpu_takes_only_layers_it_computes_exactly(caplog, monkeypatch):
     """quant_linear.gated_mlp_cpu fuses three QuantLinear layers once their forward has chosen the CPU kernels, for
     float32 decode rows; act-order layers (inputs gathered), other dtypes, prefill rows and the torch kernel go
     through the layers one by one (None)."""
+    from quantize import quant_linear
     from quantize.quant_linear import gated_mlp_cpu
+
+    monkeypatch.setattr(quant_linear, "_logged", set())  # logged once per process: this test sees the first time
 
     def layers(desc_act, kernel):
         made = []
@@ -206,8 +210,12 @@ def test_gated_mlp_cpu_takes_only_layers_it_computes_exactly():
     assert gated_mlp_cpu(x, *plain) is None  # no forward yet: nothing chosen
     w1, w2, c_proj = plain
     want = c_proj(w1(x) * torch.nn.functional.silu(w2(x)))
-    got = gated_mlp_cpu(x, *plain)
+    with caplog.at_level(logging.INFO, logger="quantize.quant_linear"):
+        got = gated_mlp_cpu(x, *plain)
+        gated_mlp_cpu(x, *plain)
     assert got.shape == (2, 1, 96) and torch.equal(got, want)
+    assert [r.getMessage() for r in caplog.records if "gated_mlp" in r.getMessage()] == [
+        "QuantLinear: 4-bit SwiGLU MLPs of decoded tokens run as one gated_mlp call of the CPU kernels"]
     assert gated_mlp_cpu(x.double(), *plain) is None
     assert gated_mlp_cpu(torch.randn(cpu_gptq.GEMV_ROWS, 96), *plain) is None
     for desc_act, kernel in [(True, "cpu"), (False, "torch")]:
