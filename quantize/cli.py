@@ -26,9 +26,13 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+_received = []  # the signal the current (or last) stop_on_signals block received
+
+
 def _stop(signum, frame):
     for s in STOP_SIGNALS:  # a second signal must not cut the clean-up short
         signal.signal(s, signal.SIG_IGN)
+    _received.append(signum)
     raise Stopped(signum)
 
 
@@ -36,12 +40,25 @@ def _stop(signum, frame):
 def stop_on_signals():
     """Inside the block SIGINT and SIGTERM raise `Stopped`, so a writer removes its temporary directory on the way
     out; the previous handlers come back after it."""
+    _received.clear()
     previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def stop_signal() -> int | None:
+    """The signal that stopped the last stop_on_signals block, if one did: also when the `Stopped` was raised inside
+    a torch call that turned it into another error (e.g. "could not determine the shape of object type ...")."""
+    return _received[-1] if _received else None
+
+
+def report_stop(signum: int) -> int:
+    """One error line for a run stopped by a signal; the exit status 128 + signum, as a shell gives."""
+    print(f"error: stopped by {signal.Signals(signum).name}; no checkpoint was written", file=sys.stderr)
+    return 128 + signum
 
 
 def build_parser(bits: int) -> argparse.ArgumentParser:
@@ -175,9 +192,12 @@ def main(bits: int, argv=None) -> int:
                 after = _perplexity(out, ids, args.device or "cpu")
                 print(f"perplexity before {before:.4f}  after {after:.4f}  ({(after / before - 1) * 100:+.2f}%)")
     except Stopped as e:
-        print(f"error: stopped by {e}; no checkpoint was written", file=sys.stderr)
-        return 128 + e.signum
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        return report_stop(e.signum)
+    except Exception as e:
+        if stop_signal() is not None:  # the signal's Stopped, turned into another error by the call it interrupted
+            return report_stop(stop_signal())
+        if not isinstance(e, (OSError, ValueError, RuntimeError, KeyError)):
+            raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1

@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from quantize.cli import Stopped, print_vllm_support, stop_on_signals
+from quantize.cli import Stopped, print_vllm_support, report_stop, stop_on_signals, stop_signal
 from quantize.ffn_padding import pad_checkpoint
 
 
@@ -22,9 +22,12 @@ def main(argv=None) -> int:
         with stop_on_signals():
             out = pad_checkpoint(args.src, args.out, args.ffn_multiple, overwrite=args.overwrite)
     except Stopped as e:
-        print(f"error: stopped by {e}; no checkpoint was written", file=sys.stderr)
-        return 128 + e.signum
-    except (OSError, ValueError, KeyError) as e:
+        return report_stop(e.signum)
+    except Exception as e:
+        if stop_signal() is not None:  # the signal's Stopped, turned into another error by the call it interrupted
+            return report_stop(stop_signal())
+        if not isinstance(e, (OSError, ValueError, KeyError)):
+            raise
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1
     print(f"wrote padded GPTQ checkpoint to {out}")
