@@ -630,7 +630,8 @@ at::Tensor attend_token(const at::Tensor& query, const at::Tensor& key_codes, co
   const auto ks = position_rows(key_scale), kz = position_rows(key_zero), vs = position_rows(value_scale),
              vz = position_rows(value_zero);
   const int64_t R = q.size(0), T = kc.size(1), W = bits == 8 ? D : D / 2;
-  for (const auto& [codes, name] : {std::pair<const at::Tensor*, const char*>{&kc, "key codes"}, {&vc, "value codes"}}) {
+  using Named = std::pair<const at::Tensor*, const char*>;
+  for (const auto& [codes, name] : {Named{&kc, "key codes"}, Named{&vc, "value codes"}}) {
     check(*codes, at::kByte, 3, name);
     TORCH_CHECK(codes->size(0) == R && codes->size(1) == T && codes->size(2) == W && D % 2 == 0,
                 "codes do not fit q");
@@ -641,10 +642,10 @@ at::Tensor attend_token(const at::Tensor& query, const at::Tensor& key_codes, co
   }
   at::Tensor out;
   switch (bits * 1000 + W) {
-    case 8064: out = token_rows<64, 8>(q, kc, ks, kz, vc, vs, vz, float_mask(mask), scale, heads); break;
-    case 8128: out = token_rows<128, 8>(q, kc, ks, kz, vc, vs, vz, float_mask(mask), scale, heads); break;
-    case 4032: out = token_rows<32, 4>(q, kc, ks, kz, vc, vs, vz, float_mask(mask), scale, heads); break;
-    case 4064: out = token_rows<64, 4>(q, kc, ks, kz, vc, vs, vz, float_mask(mask), scale, heads); break;
+    case 8064: out = token_rows<64, 8>(q, kc, ks, kz, vc, vs, vz, mask, scale, heads); break;
+    case 8128: out = token_rows<128, 8>(q, kc, ks, kz, vc, vs, vz, mask, scale, heads); break;
+    case 4032: out = token_rows<32, 4>(q, kc, ks, kz, vc, vs, vz, mask, scale, heads); break;
+    case 4064: out = token_rows<64, 4>(q, kc, ks, kz, vc, vs, vz, mask, scale, heads); break;
     default: TORCH_CHECK(false, "CPU cache kernels take head_dim 64 or 128, got ", D);
   }
   return finish(out, query, bits == 4);

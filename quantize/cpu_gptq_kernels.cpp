@@ -214,21 +214,21 @@ at::Tensor gemv_bits(const at::Tensor& x, const Layer& layer) {
   return finish_parts(partial, layer.bias);
 }
 
-// The SwiGLU MLP of a decoded token, c_proj(w1(x) * silu(w2(x))), in one call: w1 and w2 in one parallel region
-// (each thread its block of both), the gate by ATen's silu and mul (what the unfused layers run), then c_proj.
-// Each product is gemv_bits' to the bit, so the result equals the three layers called one by one.
+// The SwiGLU MLP of a decoded token, c_proj(w1(x) * silu(w2(x))), in one call: w1 and w2 (the same input, so the
+// same word blocks) in one parallel region, each thread its block of both; the gate by ATen's silu and mul (what the
+// unfused layers run), then c_proj. Each product is gemv_bits' to the bit, so the result equals the three layers
+// called one by one.
 template <int BITS>
 at::Tensor gated_mlp_bits(const at::Tensor& x, const Layer& up, const Layer& gate, const Layer& proj) {
-  const int64_t parts = word_parts(up), gate_parts = word_parts(gate), rows = x.size(0);
-  const int64_t size = rows * up.words.size(1);
+  const int64_t parts = word_parts(up), rows = x.size(0), size = rows * up.words.size(1);
   at::Tensor up_partial = at::empty({parts, rows, up.words.size(1)}, x.options());
-  at::Tensor gate_partial = at::empty({gate_parts, rows, gate.words.size(1)}, x.options());
+  at::Tensor gate_partial = at::empty_like(up_partial);
   float* up_out = up_partial.data_ptr<float>();
   float* gate_out = gate_partial.data_ptr<float>();
-  at::parallel_for(0, std::max(parts, gate_parts), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part) {
-      if (part < parts) gemv_part<BITS>(x, up, up_out + part * size, part, parts);
-      if (part < gate_parts) gemv_part<BITS>(x, gate, gate_out + part * size, part, gate_parts);
+      gemv_part<BITS>(x, up, up_out + part * size, part, parts);
+      gemv_part<BITS>(x, gate, gate_out + part * size, part, parts);
     }
   });
   at::Tensor hidden = finish_parts(up_partial, up.bias).mul_(at::silu(finish_parts(gate_partial, gate.bias)));
