@@ -12,9 +12,9 @@ setup(
     python_requires=">=3.11",
     packages=["qwen_model", "quantize", "kvcache", "calib_data"],
     package_data={
-        "kvcache": ["*.cu", "*.cpp"],
-        "quantize": ["*.cpp"],
-        "qwen_model": ["*.cpp"],
+        "kvcache": ["*.cu", "*.cpp", "*.h"],
+        "quantize": ["*.cpp", "*.h"],
+        "qwen_model": ["*.cpp", "*.h"],
         "calib_data": ["*.json", "*.txt"],
     },
     install_requires=[

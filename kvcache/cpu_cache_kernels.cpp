@@ -3,8 +3,7 @@
 // so a decoded token reads 1 (8-bit) or 0.5 (4-bit) bytes per cached element instead of the float cache's 4; the
 // per-token scale s and zero z are applied by algebra (kvcache/cpu_kernels.py states it). Rows are batch x heads and
 // run in parallel (at::parallel_for). Built and loaded by kvcache/cpu_kernels.py.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "attend_blocks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +19,8 @@
 
 namespace {
 
+using namespace one_pass;
+
 // CPU tensor of `dtype` and `dim` dimensions, contiguous except for the stride of its first (row) dimension: the
 // cache's codes and scales are views into a larger reserved buffer (kvcache/reserved.py).
 void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* name) {
@@ -30,13 +31,6 @@ void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* n
               " must be a CPU ", c10::toString(dtype), " tensor of ", dim, " dimensions, dense within a row");
 }
 
-// Threads take (row, block of BLOCK positions) units, so that a few rows (SmolLM2's 9 heads at batch 1 on 2 threads)
-// still split evenly; fn(r, block, t0, t1) handles positions [t0, t1) of row r. Position sums (the values) are kept
-// per block and added by sum_blocks. Below SERIAL_POSITIONS rows x positions one thread does it all: waking the
-// others costs more (9 heads x 16 positions: 9.4 us on 2 threads, 5.3 us on one).
-constexpr int64_t BLOCK = 256;
-constexpr int64_t SERIAL_POSITIONS = 2048;
-
 // Software prefetch of the codes PREFETCH_BYTES after the position being read. Each (row, block) unit streams its
 // codes, but a position's conversions and FMAs fill the out-of-order window, so few loads are in flight without it.
 // Measured on the 2-core Intel box (9 heads x 1024 positions, 60 layers' codes read in turn): int8 token layer
@@ -46,19 +40,6 @@ constexpr int64_t PREFETCH_BYTES = 2048;
 
 inline void prefetch_ahead(const uint8_t* position, int64_t width) {
   for (int64_t line = 0; line < width; line += 64) __builtin_prefetch(position + PREFETCH_BYTES + line, 0, 3);
-}
-
-inline int64_t num_blocks(int64_t T) { return std::max<int64_t>(1, (T + BLOCK - 1) / BLOCK); }
-
-template <typename F>
-void for_row_blocks(int64_t R, int64_t T, const F& fn) {
-  const int64_t blocks = num_blocks(T), units = R * blocks;
-  at::parallel_for(0, units, R * T < SERIAL_POSITIONS ? units : 1, [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit % blocks;
-      fn(unit / blocks, b, b * BLOCK, std::min(T, (b + 1) * BLOCK));
-    }
-  });
 }
 
 // [R, blocks, Q, D] per-block sums -> [R, Q, D].
@@ -406,118 +387,6 @@ at::Tensor grouped_scores(const at::Tensor& q, const at::Tensor& codes, const at
   return out;
 }
 
-#if defined(__AVX512F__)
-// e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), e^r by Cephes' expf polynomial (~1 ulp),
-// 2^n by scalef, so inputs below ~-104 give 0. NaN stays NaN (max/min return their second operand when one is NaN).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(88.7f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
-
-// p[0:n] = e^(p - m) in place; returns their sum.
-inline float exp_shifted(float* __restrict__ p, int64_t n, float m) {
-  int64_t t = 0;
-  float total = 0.f;
-#if defined(__AVX512F__)
-  const __m512 mv = _mm512_set1_ps(m);
-  __m512 sum = _mm512_setzero_ps();
-  for (; t < n; t += 16) {
-    const __mmask16 live = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + t), mv));
-    _mm512_mask_storeu_ps(p + t, live, e);
-    sum = _mm512_mask_add_ps(sum, live, sum, e);
-  }
-  total = _mm512_reduce_add_ps(sum);
-#endif
-  for (; t < n; ++t) total += p[t] = std::exp(p[t] - m);
-  return total;
-}
-
-// One position's D floats into L2.
-template <int64_t D>
-inline void prefetch_float(const float* position) {
-  for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(position + d, 0, 2);
-}
-
-// The larger of a and b, NaN if either is: a NaN score makes its row NaN, as in softmax.
-inline float max_nan(float a, float b) { return std::isnan(a) || a > b ? a : b; }
-
-// softmax(score * scale + mask) weighted values in one pass over a layer: each (row, block of BLOCK positions) unit
-// scores its positions (score(r, i, t): query row i's product with key t), exponentiates them against its own
-// maximum m and sums both e^(s - m) (l) and e^(s - m) v (weigh(acc, r, t0, t1, p) writes sum_t p[t - t0] v_t into
-// acc[0:D]); the blocks of a row are then merged with weights e^(m_block - m_row), the split softmax of flash
-// decoding. One parallel region reads keys and values together, with no scores tensor, softmax or sum op between
-// them; the mask (optional) broadcasts to [R / heads, heads, Q, T]. Returns [R, Q, D] float32.
-template <typename Score, typename Weigh>
-at::Tensor attend_blocks(int64_t R, int64_t Q, int64_t T, int64_t D, int64_t heads,
-                         const c10::optional<at::Tensor>& mask, double scale, const Score& score, const Weigh& weigh) {
-  const int64_t blocks = num_blocks(T);
-  at::Tensor mask_t;  // read through its strides
-  if (mask.has_value() && mask->defined()) mask_t = mask->to(at::kFloat).expand({R / heads, heads, Q, T});
-  const float* mp = mask_t.defined() ? mask_t.data_ptr<float>() : nullptr;
-  const float sc = static_cast<float>(scale);
-  std::vector<float> partial(R * blocks * Q * D), maxima(R * blocks * Q), sums(R * blocks * Q);
-  for_row_blocks(R, T, [&](int64_t r, int64_t b, int64_t t0, int64_t t1) {
-    float p[BLOCK];
-    for (int64_t i = 0; i < Q; ++i) {
-      const float* mi = mp ? mp + (r / heads) * mask_t.stride(0) + (r % heads) * mask_t.stride(1) +
-                                 i * mask_t.stride(2)
-                           : nullptr;
-      float m = -INFINITY;
-      for (int64_t t = t0; t < t1; ++t) {
-        float s = score(r, i, t) * sc;
-        if (mi) s += mi[t * mask_t.stride(3)];
-        p[t - t0] = s;
-        m = max_nan(s, m);
-      }
-      const int64_t unit = (r * blocks + b) * Q + i;
-      float* acc = partial.data() + unit * D;
-      maxima[unit] = m;
-      if (m == -INFINITY) {  // every position masked out with -inf: nothing to add
-        sums[unit] = 0.f;
-        std::fill(acc, acc + D, 0.f);
-        continue;
-      }
-      sums[unit] = exp_shifted(p, t1 - t0, m);
-      weigh(acc, r, t0, t1, p);
-    }
-  });
-  auto out = at::empty({R, Q, D}, at::TensorOptions().dtype(at::kFloat));
-  float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t i = 0; i < Q; ++i) {
-      float m = -INFINITY, total = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) m = max_nan(maxima[(r * blocks + b) * Q + i], m);
-      float* o = op + (r * Q + i) * D;
-      std::fill(o, o + D, 0.f);
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t unit = (r * blocks + b) * Q + i;
-        const float w = std::exp(maxima[unit] - m);  // NaN where the row is all -inf or NaN, as softmax gives
-        if (w == 0.f) continue;
-        total += w * sums[unit];
-        const float* acc = partial.data() + unit * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) o[d] += w * acc[d];
-      }
-      const float inv = 1.f / total;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-    }
-  return out;
-}
-
 // softmax(scores * scale + mask) in float32 over the last axis; mask (optional) broadcasts to [B, heads, Q, T].
 at::Tensor probabilities(at::Tensor scores, double scale, const c10::optional<at::Tensor>& mask, int64_t heads) {
   scores.mul_(scale);
@@ -674,54 +543,12 @@ at::Tensor attend_grouped(const at::Tensor& query, const at::Tensor& q_key, cons
 // q [R, Q, D], k and v [R, T, D] (rows may be strided views into a reserved buffer). One call instead of the ~8
 // tensor ops of the plain matmul attention, threads over (row, block of positions) as for the quantized layers.
 template <int64_t D>
-inline float dot_float(const float* __restrict__ q, const float* __restrict__ k) {
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
-  for (int64_t d = 16; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
-  return _mm512_reduce_add_ps(acc);
-#else
-  float acc[16] = {};
-  for (int64_t d0 = 0; d0 < D; d0 += 16) {
-#pragma omp simd
-    for (int64_t j = 0; j < 16; ++j) acc[j] += q[d0 + j] * k[d0 + j];
-  }
-  float total = 0.f;
-  for (int64_t j = 0; j < 16; ++j) total += acc[j];
-  return total;
-#endif
-}
-
-template <int64_t D>
 at::Tensor attend_float_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const c10::optional<at::Tensor>& mask, double scale, int64_t heads) {
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0);
-  auto score = [&](int64_t r, int64_t i, int64_t t) {
-    if (i == 0) prefetch_float<D>(vp + r * vs + t * D);  // the values this block weights next
-    return dot_float<D>(qp + r * qs + i * D, kp + r * ks + t * D);
-  };
-  auto weigh = [&](float* acc, int64_t r, int64_t t0, int64_t t1, const float* p) {
-#if defined(__AVX512F__)
-    __m512 a[D / 16];
-    for (int64_t j = 0; j < D / 16; ++j) a[j] = _mm512_setzero_ps();
-    for (int64_t t = t0; t < t1; ++t) {
-      const __m512 w = _mm512_set1_ps(p[t - t0]);
-      const float* vt = vp + r * vs + t * D;
-      for (int64_t j = 0; j < D / 16; ++j) a[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt + 16 * j), a[j]);
-    }
-    for (int64_t j = 0; j < D / 16; ++j) _mm512_storeu_ps(acc + 16 * j, a[j]);
-#else
-    std::fill(acc, acc + D, 0.f);
-    for (int64_t t = t0; t < t1; ++t) {
-      const float w = p[t - t0];
-      const float* vt = vp + r * vs + t * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) acc[d] += w * vt[d];
-    }
-#endif
-  };
+  const FloatRows<D> rows{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), q.stride(0), k.stride(0),
+                          v.stride(0)};
+  auto score = [&](int64_t r, int64_t i, int64_t t) { return rows.score(r, i, t); };
+  auto weigh = [&](float* acc, int64_t r, int64_t t0, int64_t t1, const float* p) { rows.weigh(acc, r, t0, t1, p); };
   return attend_blocks(q.size(0), q.size(1), k.size(1), D, heads, mask, scale, score, weigh);
 }
 

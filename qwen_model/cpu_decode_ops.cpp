@@ -3,15 +3,11 @@
 //   qkv_heads: c_attn's output [b, s, 3P] -> rotated queries and keys [b, h, s, d] (views of one [b, 2h, s, d]
 //              tensor), and the values and pre-rotary keys as views of the input;
 //   rms_norm:  x * rsqrt(mean(x^2) + eps) * w over the last axis, float32.
-// The rotary is the arithmetic of kvcache.rotary.apply_rotary_pos_emb step by step (t * cos + rotate_half(t) * sin,
-// each product rounded, then the sum), so its output is bit-identical; products are not contracted into FMAs.
-// Built and loaded by qwen_model/cpu_decode_ops.py.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+// The per-row arithmetic is decode_ops.h (shared with the fused decode step; the rotary is bit-identical to
+// kvcache.rotary.apply_rotary_pos_emb). Built and loaded by qwen_model/cpu_decode_ops.py.
 #include <torch/extension.h>
+
+#include "decode_ops.h"
 
 #include <cmath>
 #include <tuple>
@@ -39,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qkv_heads(const at::T
                   sin.is_contiguous(),
               "cos and sin must be contiguous [1 or batch, 1, seq, head size]");
   at::Tensor rotated = at::empty({b, 2 * heads, s, d}, qkv.options());
-  const int64_t sb = qkv.stride(0), ss = qkv.stride(1), half = d / 2;
+  const int64_t sb = qkv.stride(0), ss = qkv.stride(1);
   const float* in = qkv.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
@@ -51,10 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qkv_heads(const at::T
         const float* c = cp + ((cos.size(0) == 1 ? 0 : i) * s + t) * d;
         const float* n = sp + ((cos.size(0) == 1 ? 0 : i) * s + t) * d;
         float* o = out + ((i * 2 * heads + hh) * s + t) * d;
-        for (int64_t j = 0; j < half; ++j) {
-          o[j] = x[j] * c[j] - x[j + half] * n[j];
-          o[j + half] = x[j + half] * c[j + half] + x[j] * n[j + half];
-        }
+        decode_ops::rotate_head(x, c, n, d, o);
       }
     }
   }
@@ -76,21 +69,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = xp + r * n;
-    float lanes[16] = {};
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16)
-#pragma omp simd
-      for (int l = 0; l < 16; ++l) lanes[l] += row[k + l] * row[k + l];
-    float total = 0.f;
-    for (int l = 0; l < 16; ++l) total += lanes[l];
-    for (; k < n; ++k) total += row[k] * row[k];
-    const float rstd = 1.f / std::sqrt(total / static_cast<float>(n) + static_cast<float>(eps));
-    float* out = yp + r * n;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) out[j] = row[j] * rstd * wp[j];
-  }
+  for (int64_t r = 0; r < rows; ++r) decode_ops::rms_norm_row(xp + r * n, wp, n, static_cast<float>(eps), yp + r * n);
   return y;
 }
 
