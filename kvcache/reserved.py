@@ -65,6 +65,26 @@ class ReservedLayer(DynamicLayer):
                                                       self.capacity)
         return self.keys, self.values
 
+    def room(self, positions: int = 1):
+        """(key buffer, value buffer) [b, h, capacity, d] where the filled keys/values are their prefix views and at
+        least ``positions`` slots follow them, for a caller that writes the next states there itself (the fused decode
+        step, qwen_model/cpu_decode_step.py) and then calls ``commit``; None otherwise (append through ``update``)."""
+        keys, values = self._buffers.get("keys"), self._buffers.get("values")
+        if not self.is_initialized or keys is None or values is None:
+            return None
+        filled = self.keys.shape[-2]
+        for buffer, view in ((keys, self.keys), (values, self.values)):
+            if (view.data_ptr() != buffer.data_ptr() or view.stride() != buffer.stride()
+                    or buffer.shape[-2] < filled + positions or not buffer.is_contiguous()):
+                return None
+        return keys, values
+
+    def commit(self, positions: int = 1) -> None:
+        """Takes the ``positions`` slots after the filled ones (written by the caller after ``room``) as filled."""
+        filled = self.keys.shape[-2] + positions
+        self.keys = self._buffers["keys"].narrow(-2, 0, filled)
+        self.values = self._buffers["values"].narrow(-2, 0, filled)
+
     def reset(self) -> None:
         self._buffers = {}
         super().reset()

@@ -26,6 +26,7 @@ from kvcache.quantized_cache import QuantizedKVCache, QuantizedKVLayer
 from kvcache.reserved import ReservedCache
 from kvcache.rotary import apply_rotary_pos_emb, cos_sin_at, rotary_inv_freq
 from qwen_model.cpu_decode_ops import qkv_heads_cpu, rms_norm_cpu
+from qwen_model.cpu_decode_step import decode_blocks_cpu
 from quantize.quant_linear import gated_mlp_cpu
 
 from .configuration_qwen import QWenConfig
@@ -333,8 +334,12 @@ class QWenModel(QWenPreTrainedModel):
                                     inputs_embeds.device, explicit=quantized or eager)
 
         hidden_states = self.drop(inputs_embeds)
-        for block in self.h:
-            hidden_states = block(hidden_states, rotary, mask, cache, logn_scale, causal=not padded)
+        fused = None if quantized else decode_blocks_cpu(self, hidden_states, cache, rotary, mask, logn_scale)
+        if fused is not None:  # a decoded token of a GPTQ model on CPU: every block in one call, the same values
+            hidden_states = fused
+        else:
+            for block in self.h:
+                hidden_states = block(hidden_states, rotary, mask, cache, logn_scale, causal=not padded)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states), cache=cache)
 
 

@@ -1,0 +1,123 @@
+"""A decoded token through all of a GPTQ model's blocks in one C++ call on CPU (``cpu_decode_step.cpp``).
+
+Op by op, a decode step of SmolLM2-135M (Int4) makes ~300 kernel calls and ~400 tensor ops; the weights and the float
+cache of a step stream through every cache level, so each call starts cold and memory idles between them (about 9 ms
+of an 18.7 ms step at 1024 positions on the 2-core box, benchmarks/RESULTS.md). ``decode_blocks_cpu`` runs every
+block in one parallel region instead, with the same arithmetic (the logits equal the op-by-op path's bit for bit).
+
+It applies to a decoded token (one position per sequence, fewer than ``cpu_gptq.GEMV_ROWS`` sequences) in float32
+on CPU, without autograd recording, when every block's five linear layers are QuantLinear layers already running on
+this package's CPU kernels with their inputs as they are (as ``quant_linear.gated_mlp_cpu`` requires), the same
+bits, the rotary covers whole heads, no logn scaling applies, and the cache is the float ``ReservedCache`` that
+``generate()`` makes, with room for the token in every layer. Elsewhere it returns None and the model runs its
+blocks one by one. The plan (the layers' tensors as the kernel takes them) is built once per model and rebuilt when a
+layer's prepared weight or a norm's weight changes.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from kvcache.cpp_kernels import build_cpu_extension
+from kvcache.reserved import ReservedCache
+from quantize import cpu_gptq
+from quantize.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+EXTENSION_NAME = "qwen_quant_cpu_decode_step"
+_state = {}
+
+
+def load_step(portable: bool = False):
+    """Builds (first time on this machine) and imports the extension; the module, or None when unavailable."""
+    if portable not in _state:
+        source = Path(__file__).resolve().parent / "cpu_decode_step.cpp"
+        _state[portable] = build_cpu_extension(EXTENSION_NAME, source, portable, "fused CPU decode step",
+                                               "the blocks one by one")
+    return _state[portable]
+
+
+def _block_parts(block):
+    """(ln_1 weight, c_attn, c_proj, ln_2 weight, w1, w2, mlp c_proj) with the layers' prepared CPU weights, and
+    their bits; None where a layer is not a QuantLinear already running on the CPU kernels with its input as is."""
+    linears = (block.attn.c_attn, block.attn.c_proj, block.mlp.w1, block.mlp.w2, block.mlp.c_proj)
+    if any(type(layer) is not QuantLinear for layer in linears):
+        return None
+    weights = [layer._prepared.get(("forward", layer.kernel)) for layer in linears]
+    if any(w is None or not w.takes_input_as_is() for w in weights) or len({w.bits for w in weights}) != 1:
+        return None
+    c_attn, c_proj, w1, w2, mlp_proj = weights
+    return (block.ln_1.weight, c_attn, c_proj, block.ln_2.weight, w1, w2, mlp_proj), weights[0].bits
+
+
+def _plan(model, kernels):
+    """The model's DecodePlan, built or rebuilt when the parts it was built from are no longer the model's; None
+    where a block does not qualify."""
+    parts, bits = [], set()
+    for block in model.h:
+        found = _block_parts(block)
+        if found is None:
+            return None
+        parts.append(found[0])
+        bits.add(found[1])
+    if len(bits) != 1:
+        return None
+    cached = getattr(model, "_cpu_decode_plan", None)
+    if cached is not None and len(cached[0]) == len(parts) and all(
+            a is b for old, new in zip(cached[0], parts) for a, b in zip(old, new)):
+        return cached[1]
+    if any(p[0].dtype != torch.float32 or p[3].dtype != torch.float32 for p in parts):
+        return None
+    config = model.config
+    heads = config.num_attention_heads
+    scale = 1.0 / (config.hidden_size // heads) ** 0.5 if config.scale_attn_weights else 1.0
+    blocks = [(ln_1.detach(), c_attn.layer(), c_proj.layer(), ln_2.detach(), w1.layer(), w2.layer(), mlp_proj.layer())
+              for ln_1, c_attn, c_proj, ln_2, w1, w2, mlp_proj in parts]
+    try:
+        plan = kernels.DecodePlan(blocks, bits.pop(), heads, config.layer_norm_epsilon, scale)
+    except RuntimeError as err:  # shapes the kernel does not take (e.g. head_dim other than 64 or 128)
+        log.info("fused CPU decode step not used: %s", str(err).splitlines()[0])
+        plan = None
+    model._cpu_decode_plan = (parts, plan)
+    return plan
+
+
+def decode_blocks_cpu(model, hidden: torch.Tensor, cache, rotary, mask, logn_scale):
+    """The hidden states [b, 1, E] after all of ``model.h`` (a QWenModel) for one decoded token per sequence, its keys
+    and values appended to ``cache``; None where the fused step does not apply (see the module docstring)."""
+    b, s, width = hidden.shape
+    if (s != 1 or b >= cpu_gptq.GEMV_ROWS or hidden.dtype != torch.float32 or hidden.device.type != "cpu"
+            or logn_scale is not None or model.training or not isinstance(cache, ReservedCache)):
+        return None
+    if torch.is_grad_enabled() and (hidden.requires_grad or any(
+            block.ln_1.weight.requires_grad or block.ln_2.weight.requires_grad for block in model.h)):
+        return None  # autograd would record the op-by-op path
+    cos, sin = rotary[0], rotary[1]
+    if cos.dtype != torch.float32 or cos.shape[-1] * model.config.num_attention_heads * 3 != \
+            model.h[0].attn.c_attn.out_features:
+        return None
+    if mask is not None and mask.dtype != torch.float32:
+        return None
+    if len(cache.layers) != len(model.h):
+        return None
+    rooms = [layer.room(1) if hasattr(layer, "room") else None for layer in cache.layers]
+    if any(room is None for room in rooms):
+        return None
+    kernels = load_step()
+    plan = None if kernels is None else _plan(model, kernels)
+    if plan is None:
+        return None
+    past = cache.layers[0].keys.shape[-2]
+    if any(layer.keys.shape[-2] != past for layer in cache.layers):
+        return None
+    if not hasattr(model, "_cpu_decode_logged"):
+        model._cpu_decode_logged = True
+        log.info("decoded tokens run all %d blocks as one call of the fused CPU decode step", len(model.h))
+    out = plan.step(hidden.reshape(b, width).contiguous(), [room[0] for room in rooms], [room[1] for room in rooms],
+                    past, cos.contiguous(), sin.contiguous(), mask)
+    for layer in cache.layers:
+        layer.commit(1)
+    return out.view(b, 1, width)
