@@ -1,12 +1,14 @@
-"""Where a decode step's time goes, per checkpoint: the decoder blocks' linear layers, the lm_head, and the rest
-(attention over the cache, norms, rotary, Python), in one process, to say what bounds the quantized/float ratio.
+"""Where a decode step's time goes, per checkpoint: the decoder blocks' linear layers, the fused decode step (all
+blocks in one call, GPTQ checkpoints on CPU), the lm_head, and the rest (attention over the cache, norms, rotary,
+Python), in one process, to say what bounds the quantized/float ratio.
 
 Each checkpoint (float or GPTQ, Qwen v1 layout) gets a --context-token random prompt in a reserved float cache (as
-`generate()` uses), 3 untimed decode steps, then --steps timed ones; the linear layers and the lm_head are timed by
-wrapping their forward (wall time, so thread pools and Python in them count): each block's c_attn and attn.c_proj,
-and its MLP whole (three layers and the SwiGLU gate, which GPTQ layers run as one call at decode).
+`generate()` uses), 3 untimed decode steps, then --steps timed ones; the linear layers, the fused step and the lm_head
+are timed by wrapping them (wall time, so thread pools and Python in them count): each block's c_attn and
+attn.c_proj, and its MLP whole (three layers and the SwiGLU gate, which GPTQ layers run as one call at decode).
+--op-by-op turns the fused step off, so that a GPTQ checkpoint's blocks run (and are timed) layer by layer.
 
-    python benchmarks/decode_step_breakdown.py FLOAT32_DIR INT8_DIR INT4_DIR --threads 2
+    python benchmarks/decode_step_breakdown.py FLOAT32_DIR INT8_DIR INT4_DIR --threads 2 [--op-by-op]
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvcache.reserved import ReservedCache  # noqa: E402
+from qwen_model import cpu_decode_step, modeling_qwen  # noqa: E402
 from qwen_model.modeling_qwen import QWenLMHeadModel  # noqa: E402
 
 
@@ -35,9 +38,24 @@ def timed(module, totals: dict, key: str) -> None:
     module.forward = wrapped
 
 
-def breakdown(path: str, context: int, steps: int) -> dict:
+def fused_step(totals: dict, off: bool) -> None:
+    """The model's fused decode step timed into totals["fused blocks"] (when it ran), or turned off."""
+    real = cpu_decode_step.decode_blocks_cpu
+
+    def wrapped(*args):
+        start = time.perf_counter()
+        out = None if off else real(*args)
+        if out is not None:
+            totals["fused blocks"] += time.perf_counter() - start
+        return out
+
+    modeling_qwen.decode_blocks_cpu = wrapped
+
+
+def breakdown(path: str, context: int, steps: int, op_by_op: bool) -> dict:
     model = QWenLMHeadModel.from_pretrained(path).eval()
-    totals = {"block linears": 0.0, "lm_head": 0.0}
+    totals = {"block linears": 0.0, "fused blocks": 0.0, "lm_head": 0.0}
+    fused_step(totals, op_by_op)
     for block in model.transformer.h:  # the MLP whole: GPTQ layers run it as one fused call at decode
         for module in (block.attn.c_attn, block.attn.c_proj, block.mlp):
             timed(module, totals, "block linears")
@@ -63,17 +81,21 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--op-by-op", action="store_true", help="turn the fused decode step off")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [(path, breakdown(path, args.context, args.steps)) for path in args.models]
+    rows = [(path, breakdown(path, args.context, args.steps, args.op_by_op)) for path in args.models]
     base = rows[0][1]
     print(f"torch {torch.__version__}, {args.threads} threads, {args.context}-token context, batch 1, "
-          f"mean ms per decode step over {args.steps} steps")
-    print("| checkpoint | step ms | block linears ms | lm_head ms | rest ms | step vs first | linears vs first |")
-    print("|---|---|---|---|---|---|---|")
+          f"mean ms per decode step over {args.steps} steps, fused decode step {'off' if args.op_by_op else 'on'}")
+    print("| checkpoint | step ms | block linears ms | fused blocks ms | lm_head ms | rest ms | step vs first | "
+          "linears vs first |")
+    print("|---|---|---|---|---|---|---|---|")
     for path, r in rows:
-        print(f"| {path} | {r['step']:.2f} | {r['block linears']:.2f} | {r['lm_head']:.2f} | {r['rest']:.2f} | "
-              f"{base['step'] / r['step']:.2f}x | {base['block linears'] / r['block linears']:.2f}x |")
+        linears = (f"{base['block linears'] / r['block linears']:.2f}x" if r["block linears"] and base["block linears"]
+                   else "-")
+        print(f"| {path} | {r['step']:.2f} | {r['block linears']:.2f} | {r['fused blocks']:.2f} | {r['lm_head']:.2f} | "
+              f"{r['rest']:.2f} | {base['step'] / r['step']:.2f}x | {linears} |")
     return 0
 
 

@@ -65,23 +65,24 @@ class ReservedLayer(DynamicLayer):
                                                       self.capacity)
         return self.keys, self.values
 
-    def room(self, positions: int = 1):
-        """(key buffer, value buffer) [b, h, capacity, d] where the filled keys/values are their prefix views and at
-        least ``positions`` slots follow them, for a caller that writes the next states there itself (the fused decode
-        step, qwen_model/cpu_decode_step.py) and then calls ``commit``; None otherwise (append through ``update``)."""
+    def room(self, filled: int):
+        """(key buffer, value buffer) [b, h, capacity, d] when this layer holds ``filled`` positions as prefix views of
+        them and at least one slot follows, for a caller that writes the next position there itself (the fused
+        decode step, qwen_model/cpu_decode_step.py) and then calls ``commit``; None otherwise (append through
+        ``update``)."""
         keys, values = self._buffers.get("keys"), self._buffers.get("values")
-        if not self.is_initialized or keys is None or values is None:
+        if keys is None or values is None or not self.is_initialized:
             return None
-        filled = self.keys.shape[-2]
-        for buffer, view in ((keys, self.keys), (values, self.values)):
-            if (view.data_ptr() != buffer.data_ptr() or view.stride() != buffer.stride()
-                    or buffer.shape[-2] < filled + positions or not buffer.is_contiguous()):
-                return None
+        view_k, view_v = self.keys, self.values
+        if (view_k.shape[-2] != filled or view_v.shape[-2] != filled or keys.shape[-2] <= filled
+                or values.shape[-2] <= filled or view_k.data_ptr() != keys.data_ptr()
+                or view_v.data_ptr() != values.data_ptr() or view_k.shape[:-2] != keys.shape[:-2]
+                or view_v.shape[:-2] != values.shape[:-2]):
+            return None
         return keys, values
 
-    def commit(self, positions: int = 1) -> None:
-        """Takes the ``positions`` slots after the filled ones (written by the caller after ``room``) as filled."""
-        filled = self.keys.shape[-2] + positions
+    def commit(self, filled: int) -> None:
+        """Takes the first ``filled`` positions of the buffers (the caller wrote the last after ``room``) as filled."""
         self.keys = self._buffers["keys"].narrow(-2, 0, filled)
         self.values = self._buffers["values"].narrow(-2, 0, filled)
 

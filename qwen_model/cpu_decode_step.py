@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kvcache.cpp_kernels import build_cpu_extension
-from kvcache.reserved import ReservedCache
+from kvcache.reserved import ReservedCache, ReservedLayer
 from quantize import cpu_gptq
 from quantize.quant_linear import QuantLinear
 
@@ -41,46 +41,43 @@ def load_step(portable: bool = False):
 
 
 def _block_parts(block):
-    """(ln_1 weight, c_attn, c_proj, ln_2 weight, w1, w2, mlp c_proj) with the layers' prepared CPU weights, and
-    their bits; None where a layer is not a QuantLinear already running on the CPU kernels with its input as is."""
-    linears = (block.attn.c_attn, block.attn.c_proj, block.mlp.w1, block.mlp.w2, block.mlp.c_proj)
+    """(ln_1 weight, c_attn, c_proj, ln_2 weight, w1, w2, mlp c_proj) with the layers' prepared CPU weights; None where
+    a layer is not a QuantLinear already running on the CPU kernels with its input as is. Submodules are read from
+    ``_modules`` directly: nn.Module's attribute lookup costs about a microsecond, ~300 times a decode step."""
+    modules = block._modules
+    attn, mlp = modules["attn"]._modules, modules["mlp"]._modules
+    linears = (attn["c_attn"], attn["c_proj"], mlp["w1"], mlp["w2"], mlp["c_proj"])
     if any(type(layer) is not QuantLinear for layer in linears):
         return None
     weights = [layer._prepared.get(("forward", layer.kernel)) for layer in linears]
-    if any(w is None or not w.takes_input_as_is() for w in weights) or len({w.bits for w in weights}) != 1:
+    if any(w is None or not w.takes_input_as_is() for w in weights):
         return None
     c_attn, c_proj, w1, w2, mlp_proj = weights
-    return (block.ln_1.weight, c_attn, c_proj, block.ln_2.weight, w1, w2, mlp_proj), weights[0].bits
+    return (modules["ln_1"]._parameters["weight"], c_attn, c_proj, modules["ln_2"]._parameters["weight"], w1, w2,
+            mlp_proj)
 
 
-def _plan(model, kernels):
-    """The model's DecodePlan, built or rebuilt when the parts it was built from are no longer the model's; None
-    where a block does not qualify."""
-    parts, bits = [], set()
-    for block in model.h:
-        found = _block_parts(block)
-        if found is None:
-            return None
-        parts.append(found[0])
-        bits.add(found[1])
-    if len(bits) != 1:
-        return None
-    cached = getattr(model, "_cpu_decode_plan", None)
+def _plan(model, parts, kernels):
+    """The model's DecodePlan for these parts (see _block_parts), built or rebuilt when they are not the ones it was
+    built from; None where they do not qualify."""
+    cached = model.__dict__.get("_cpu_decode_plan")
     if cached is not None and len(cached[0]) == len(parts) and all(
             a is b for old, new in zip(cached[0], parts) for a, b in zip(old, new)):
         return cached[1]
-    if any(p[0].dtype != torch.float32 or p[3].dtype != torch.float32 for p in parts):
-        return None
-    config = model.config
-    heads = config.num_attention_heads
-    scale = 1.0 / (config.hidden_size // heads) ** 0.5 if config.scale_attn_weights else 1.0
-    blocks = [(ln_1.detach(), c_attn.layer(), c_proj.layer(), ln_2.detach(), w1.layer(), w2.layer(), mlp_proj.layer())
-              for ln_1, c_attn, c_proj, ln_2, w1, w2, mlp_proj in parts]
-    try:
-        plan = kernels.DecodePlan(blocks, bits.pop(), heads, config.layer_norm_epsilon, scale)
-    except RuntimeError as err:  # shapes the kernel does not take (e.g. head_dim other than 64 or 128)
-        log.info("fused CPU decode step not used: %s", str(err).splitlines()[0])
+    bits = {w.bits for p in parts for w in p[1:3] + p[4:]}
+    if len(bits) != 1 or any(p[0].dtype != torch.float32 or p[3].dtype != torch.float32 for p in parts):
         plan = None
+    else:
+        config = model.config
+        heads = config.num_attention_heads
+        scale = 1.0 / (config.hidden_size // heads) ** 0.5 if config.scale_attn_weights else 1.0
+        blocks = [(ln_1.detach(), c_attn.layer(), c_proj.layer(), ln_2.detach(), w1.layer(), w2.layer(),
+                   mlp_proj.layer()) for ln_1, c_attn, c_proj, ln_2, w1, w2, mlp_proj in parts]
+        try:
+            plan = kernels.DecodePlan(blocks, bits.pop(), heads, config.layer_norm_epsilon, scale)
+        except RuntimeError as err:  # shapes the kernel does not take (e.g. head_dim other than 64 or 128)
+            log.info("fused CPU decode step not used: %s", str(err).splitlines()[0])
+            plan = None
     model._cpu_decode_plan = (parts, plan)
     return plan
 
@@ -90,34 +87,37 @@ def decode_blocks_cpu(model, hidden: torch.Tensor, cache, rotary, mask, logn_sca
     and values appended to ``cache``; None where the fused step does not apply (see the module docstring)."""
     b, s, width = hidden.shape
     if (s != 1 or b >= cpu_gptq.GEMV_ROWS or hidden.dtype != torch.float32 or hidden.device.type != "cpu"
-            or logn_scale is not None or model.training or not isinstance(cache, ReservedCache)):
+            or logn_scale is not None or model.training or not isinstance(cache, ReservedCache)
+            or (mask is not None and mask.dtype != torch.float32)):
         return None
-    if torch.is_grad_enabled() and (hidden.requires_grad or any(
-            block.ln_1.weight.requires_grad or block.ln_2.weight.requires_grad for block in model.h)):
+    parts = []
+    for block in model.h._modules.values():
+        found = _block_parts(block)
+        if found is None:
+            return None
+        parts.append(found)
+    if torch.is_grad_enabled() and (hidden.requires_grad or any(p[0].requires_grad or p[3].requires_grad
+                                                                for p in parts)):
         return None  # autograd would record the op-by-op path
     cos, sin = rotary[0], rotary[1]
-    if cos.dtype != torch.float32 or cos.shape[-1] * model.config.num_attention_heads * 3 != \
-            model.h[0].attn.c_attn.out_features:
+    if cos.dtype != torch.float32 or cos.shape[-1] * model.config.num_attention_heads * 3 != parts[0][1].out_features:
+        return None  # a rotary over part of each head
+    layers = cache.layers
+    if len(layers) != len(parts) or not all(isinstance(layer, ReservedLayer) for layer in layers):
         return None
-    if mask is not None and mask.dtype != torch.float32:
-        return None
-    if len(cache.layers) != len(model.h):
-        return None
-    rooms = [layer.room(1) if hasattr(layer, "room") else None for layer in cache.layers]
-    if any(room is None for room in rooms):
+    past = layers[0].keys.shape[-2] if layers[0].is_initialized else -1
+    rooms = [layer.room(past) for layer in layers]
+    if past < 0 or any(room is None for room in rooms):
         return None
     kernels = load_step()
-    plan = None if kernels is None else _plan(model, kernels)
+    plan = None if kernels is None else _plan(model, parts, kernels)
     if plan is None:
         return None
-    past = cache.layers[0].keys.shape[-2]
-    if any(layer.keys.shape[-2] != past for layer in cache.layers):
-        return None
-    if not hasattr(model, "_cpu_decode_logged"):
+    if "_cpu_decode_logged" not in model.__dict__:
         model._cpu_decode_logged = True
-        log.info("decoded tokens run all %d blocks as one call of the fused CPU decode step", len(model.h))
+        log.info("decoded tokens run all %d blocks as one call of the fused CPU decode step", len(parts))
     out = plan.step(hidden.reshape(b, width).contiguous(), [room[0] for room in rooms], [room[1] for room in rooms],
                     past, cos.contiguous(), sin.contiguous(), mask)
-    for layer in cache.layers:
-        layer.commit(1)
+    for layer in layers:
+        layer.commit(past + 1)
     return out.view(b, 1, width)

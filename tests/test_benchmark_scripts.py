@@ -36,9 +36,9 @@ def test_decode_step_breakdown(tiny_dir, tiny_int4):
     rows = table_rows(out, tiny_dir)
     assert len(rows) == 2
     for cells in rows:
-        step, linears, head, rest = (float(c) for c in cells[1:5])
-        assert step > 0 and linears > 0 and head > 0 and abs(step - linears - head - rest) < 0.02
-    assert rows[0][5].strip() == "1.00x"
+        step, linears, fused, head, rest = (float(c) for c in cells[1:6])
+        assert step > 0 and linears > 0 and fused == 0 and head > 0 and abs(step - linears - fused - head - rest) < 0.02
+    assert rows[0][6].strip() == "1.00x"
 
 
 def test_quant_linear_quality_isolates_the_kernels(tiny_int4):
