@@ -46,6 +46,14 @@ def build_cpu_extension(name: str, source: Path, portable: bool, what: str, fall
         return None
 
 
+def load_once(state: dict, portable: bool, name: str, source: Path, what: str, fallback: str):
+    """``build_cpu_extension`` at most once per process and flavour, its result (the module or None) kept in
+    ``state[portable]``: the loaders of the CPU extensions are called on every decode op."""
+    if portable not in state:
+        state[portable] = build_cpu_extension(name, source, portable, what, fallback)
+    return state[portable]
+
+
 def loaded_cache_kernels():
     """The extension if it was already loaded in this process, else None (never triggers a build)."""
     return _state["module"]

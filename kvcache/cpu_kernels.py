@@ -38,9 +38,10 @@ from pathlib import Path
 
 import torch
 
-from kvcache.cpp_kernels import build_cpu_extension
+from kvcache.cpp_kernels import load_once
 
 EXTENSION_NAME = "qwen_quant_cpu_cache_kernels"
+_SOURCE = Path(__file__).resolve().parent / "cpu_cache_kernels.cpp"
 _state = {}
 
 
@@ -49,11 +50,7 @@ def load_cpu_kernels(portable: bool = False):
 
     ``portable=True`` builds the plain C++ loops without ``-march=native`` (no AVX-512 intrinsics): what runs on a
     CPU without AVX-512, built here so that tests cover it too."""
-    if portable not in _state:
-        source = Path(__file__).resolve().parent / "cpu_cache_kernels.cpp"
-        _state[portable] = build_cpu_extension(EXTENSION_NAME, source, portable, "CPU KV-cache kernels",
-                                               "the plain-torch blocks")
-    return _state[portable]
+    return load_once(_state, portable, EXTENSION_NAME, _SOURCE, "CPU KV-cache kernels", "the plain-torch blocks")
 
 
 def quantize_token_cpu(kernels, states, bits: int, qmin: int, qmax: int):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvcache.cpp_kernels import build_cpu_extension
+from kvcache.cpp_kernels import load_once
 
 from .pack import group_gather, pack_rows, unpack_rows, unpack_zeros
 
@@ -38,6 +38,7 @@ GEMV_ROWS = 24
 # (512 rows: 216 ms in one piece, 165-171 ms in chunks of 16-24 MiB, float32 F.linear 150-160 ms). Chunks stay under
 # glibc's largest mmap threshold (32 MiB), so their memory is reused rather than mapped afresh.
 CHUNK_BYTES = 24 << 20
+_SOURCE = Path(__file__).resolve().parent / "cpu_gptq_kernels.cpp"
 _state = {}
 
 
@@ -45,11 +46,7 @@ def load_kernels(portable: bool = False):
     """Builds (first time on this machine) and imports the extension; the module, or None when unavailable.
 
     ``portable=True`` builds without ``-march=native``: what a CPU without AVX-512 runs, built here for the tests."""
-    if portable not in _state:
-        source = Path(__file__).resolve().parent / "cpu_gptq_kernels.cpp"
-        _state[portable] = build_cpu_extension(EXTENSION_NAME, source, portable, "CPU GPTQ kernels",
-                                               "the int4pack/dequantize paths")
-    return _state[portable]
+    return load_once(_state, portable, EXTENSION_NAME, _SOURCE, "CPU GPTQ kernels", "the int4pack/dequantize paths")
 
 
 def fast_kernels():

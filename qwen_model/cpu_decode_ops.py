@@ -13,20 +13,17 @@ from pathlib import Path
 
 import torch
 
-from kvcache.cpp_kernels import build_cpu_extension
+from kvcache.cpp_kernels import load_once
 
 EXTENSION_NAME = "qwen_quant_cpu_decode_ops"
 DECODE_ROWS = 16
+_SOURCE = Path(__file__).resolve().parent / "cpu_decode_ops.cpp"
 _state = {}
 
 
 def load_ops(portable: bool = False):
     """Builds (first time on this machine) and imports the extension; the module, or None when unavailable."""
-    if portable not in _state:
-        source = Path(__file__).resolve().parent / "cpu_decode_ops.cpp"
-        _state[portable] = build_cpu_extension(EXTENSION_NAME, source, portable, "CPU decode ops",
-                                               "the model's tensor ops")
-    return _state[portable]
+    return load_once(_state, portable, EXTENSION_NAME, _SOURCE, "CPU decode ops", "the model's tensor ops")
 
 
 def _applies(x: torch.Tensor, rows: int) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kvcache.cpp_kernels import build_cpu_extension
+from kvcache.cpp_kernels import load_once
 from kvcache.reserved import ReservedCache, ReservedLayer
 from quantize import cpu_gptq
 from quantize.quant_linear import QuantLinear
@@ -28,16 +28,13 @@ from quantize.quant_linear import QuantLinear
 log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "qwen_quant_cpu_decode_step"
+_SOURCE = Path(__file__).resolve().parent / "cpu_decode_step.cpp"
 _state = {}
 
 
 def load_step(portable: bool = False):
     """Builds (first time on this machine) and imports the extension; the module, or None when unavailable."""
-    if portable not in _state:
-        source = Path(__file__).resolve().parent / "cpu_decode_step.cpp"
-        _state[portable] = build_cpu_extension(EXTENSION_NAME, source, portable, "fused CPU decode step",
-                                               "the blocks one by one")
-    return _state[portable]
+    return load_once(_state, portable, EXTENSION_NAME, _SOURCE, "fused CPU decode step", "the blocks one by one")
 
 
 def _block_parts(block):
