@@ -4,6 +4,7 @@
 // per-token scale s and zero z are applied by algebra (kvcache/cpu_kernels.py states it). Rows are batch x heads and
 // run in parallel (at::parallel_for). Built and loaded by kvcache/cpu_kernels.py.
 #include "attend_blocks.h"
+#include "token_codes.h"
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +21,7 @@
 namespace {
 
 using namespace one_pass;
+using namespace token_codes;
 
 // CPU tensor of `dtype` and `dim` dimensions, contiguous except for the stride of its first (row) dimension: the
 // cache's codes and scales are views into a larger reserved buffer (kvcache/reserved.py).
@@ -31,92 +33,9 @@ void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* n
               " must be a CPU ", c10::toString(dtype), " tensor of ", dim, " dimensions, dense within a row");
 }
 
-// Software prefetch of the codes PREFETCH_BYTES after the position being read. Each (row, block) unit streams its
-// codes, but a position's conversions and FMAs fill the out-of-order window, so few loads are in flight without it.
-// Measured on the 2-core Intel box (9 heads x 1024 positions, 60 layers' codes read in turn): int8 token layer
-// 122 -> 81 us, 4-bit channel_groups 111 -> 98 us (1 KiB ahead: 87 / 96; 4 KiB: 81 / 94); in the model the int8
-// cache's decode at 16k positions went from 1.40x to 1.76-1.81x the float cache's (benchmarks/RESULTS.md).
-constexpr int64_t PREFETCH_BYTES = 2048;
-
-inline void prefetch_ahead(const uint8_t* position, int64_t width) {
-  for (int64_t line = 0; line < width; line += 64) __builtin_prefetch(position + PREFETCH_BYTES + line, 0, 3);
-}
-
 // [R, blocks, Q, D] per-block sums -> [R, Q, D].
 inline at::Tensor sum_blocks(const at::Tensor& partial) {
   return partial.size(1) == 1 ? partial.select(1, 0) : partial.sum(1);
-}
-
-// q[0:D] . (codes - z) of one position: 8 bits, W = D codes; 4 bits, W = D / 2 bytes against q in split order. The
-// zero point is subtracted from each code before the product (small exact integers or a fractional 4-bit zero), so
-// no large q . codes and z * sum(q) cancel. W is a compile-time constant so the loop unrolls into whole vectors.
-template <int64_t W, int64_t BITS>
-inline float dot(const float* __restrict__ q, const uint8_t* __restrict__ c, float z) {
-  static_assert(W % 16 == 0, "W must be a multiple of 16");
-#if defined(__AVX512F__)
-  const __m512 zv = _mm512_set1_ps(z);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t d0 = 0; d0 < W; d0 += 16) {
-    const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + d0)));
-    if constexpr (BITS == 8) {
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d0), _mm512_sub_ps(_mm512_cvtepi32_ps(codes), zv), acc);
-    } else {
-      const __m512 low = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F))), zv);
-      const __m512 high = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(codes, 4)), zv);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d0), low, acc);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + W + d0), high, acc);
-    }
-  }
-  return _mm512_reduce_add_ps(acc);
-#else
-  constexpr int64_t L = 16;  // lanes of partial sums, one or two float vectors
-  float acc[L] = {};
-  for (int64_t d0 = 0; d0 < W; d0 += L) {
-    if constexpr (BITS == 8) {
-#pragma omp simd
-      for (int64_t j = 0; j < L; ++j) acc[j] += q[d0 + j] * (static_cast<float>(c[d0 + j]) - z);
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < L; ++j)
-        acc[j] += q[d0 + j] * (static_cast<float>(c[d0 + j] & 0x0F) - z) +
-                  q[W + d0 + j] * (static_cast<float>(c[d0 + j] >> 4) - z);
-    }
-  }
-  float total = 0.f;
-  for (int64_t j = 0; j < L; ++j) total += acc[j];
-  return total;
-#endif
-}
-
-// acc[0:D] += w * (codes - z) of one position (split order for 4 bits), W a compile-time constant as in `dot`.
-template <int64_t W, int64_t BITS>
-inline void axpy(float* __restrict__ acc, float w, const uint8_t* __restrict__ c, float z) {
-#if defined(__AVX512F__)
-  const __m512 wv = _mm512_set1_ps(w), zv = _mm512_set1_ps(z);
-  for (int64_t d0 = 0; d0 < W; d0 += 16) {
-    const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + d0)));
-    if constexpr (BITS == 8) {
-      const __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(codes), zv);
-      _mm512_storeu_ps(acc + d0, _mm512_fmadd_ps(wv, v, _mm512_loadu_ps(acc + d0)));
-    } else {
-      const __m512 low = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F))), zv);
-      const __m512 high = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(codes, 4)), zv);
-      _mm512_storeu_ps(acc + d0, _mm512_fmadd_ps(wv, low, _mm512_loadu_ps(acc + d0)));
-      _mm512_storeu_ps(acc + W + d0, _mm512_fmadd_ps(wv, high, _mm512_loadu_ps(acc + W + d0)));
-    }
-  }
-#else
-  if constexpr (BITS == 8) {
-#pragma omp simd
-    for (int64_t d = 0; d < W; ++d) acc[d] += w * (static_cast<float>(c[d]) - z);
-  } else {
-#pragma omp simd
-    for (int64_t d = 0; d < W; ++d) {
-      acc[d] += w * (static_cast<float>(c[d] & 0x0F) - z);
-      acc[W + d] += w * (static_cast<float>(c[d] >> 4) - z);
-    }
-  }
-#endif
 }
 
 template <int64_t W, int64_t BITS>
@@ -459,28 +378,16 @@ at::Tensor token_rows(const at::Tensor& q, const at::Tensor& key_codes, const at
                       const at::Tensor& key_zero, const at::Tensor& value_codes, const at::Tensor& value_scale,
                       const at::Tensor& value_zero, const c10::optional<at::Tensor>& mask, double scale,
                       int64_t heads) {
-  const int64_t D = q.size(2), qs = q.stride(0);
-  const float* qp = q.data_ptr<float>();
-  const uint8_t* kc = key_codes.data_ptr<uint8_t>();
-  const uint8_t* vc = value_codes.data_ptr<uint8_t>();
-  const float* ks = key_scale.data_ptr<float>();
-  const float* kz = key_zero.data_ptr<float>();
-  const float* vs = value_scale.data_ptr<float>();
-  const float* vz = value_zero.data_ptr<float>();
-  const int64_t kcs = key_codes.stride(0), vcs = value_codes.stride(0), kss = key_scale.stride(0),
-                kzs = key_zero.stride(0), vss = value_scale.stride(0), vzs = value_zero.stride(0);
-  auto score = [&](int64_t r, int64_t i, int64_t t) {
-    const uint8_t* c = kc + r * kcs + t * W;
-    prefetch_ahead(c, W);
-    if (i == 0) __builtin_prefetch(vc + r * vcs + t * W, 0, 2);
-    return ks[r * kss + t] * dot<W, BITS>(qp + r * qs + i * D, c, kz[r * kzs + t]);
-  };
-  auto weigh = [&](float* acc, int64_t r, int64_t t0, int64_t t1, const float* p) {
-    std::fill(acc, acc + D, 0.f);
-    for (int64_t t = t0; t < t1; ++t)
-      axpy<W, BITS>(acc, p[t - t0] * vs[r * vss + t], vc + r * vcs + t * W, vz[r * vzs + t]);
-  };
-  return attend_blocks(q.size(0), q.size(1), key_codes.size(1), D, heads, mask, scale, score, weigh);
+  const TokenRows<W, BITS> rows{q.data_ptr<float>(), q.stride(0), q.size(2),
+                                key_codes.data_ptr<uint8_t>(), key_codes.stride(0),
+                                key_scale.data_ptr<float>(), key_scale.stride(0),
+                                key_zero.data_ptr<float>(), key_zero.stride(0),
+                                value_codes.data_ptr<uint8_t>(), value_codes.stride(0),
+                                value_scale.data_ptr<float>(), value_scale.stride(0),
+                                value_zero.data_ptr<float>(), value_zero.stride(0)};
+  auto score = [&](int64_t r, int64_t i, int64_t t) { return rows.score(r, i, t); };
+  auto weigh = [&](float* acc, int64_t r, int64_t t0, int64_t t1, const float* p) { rows.weigh(acc, r, t0, t1, p); };
+  return attend_blocks(q.size(0), q.size(1), key_codes.size(1), q.size(2), heads, mask, scale, score, weigh);
 }
 
 // One call for a decode step over a token-layout layer: softmax(s q . (k_q - z) * scale + mask) weighted values.
@@ -566,42 +473,6 @@ at::Tensor attend_float(const at::Tensor& q, const at::Tensor& k, const at::Tens
     case 128: return attend_float_rows<128>(q, k, v, mask, scale, heads);
     default: TORCH_CHECK(false, "attend_float takes head_dim 64 or 128, got ", q.size(2));
   }
-}
-
-// Per-row asymmetric quantization of one float32 row of D values with round to nearest (even), the arithmetic of
-// kvcache.quantize_cache._quantize_token for float32 step by step (so the codes, scales and zeros are bit-identical):
-// 8 bits widen the range to contain 0 and round the zero point onto the grid; 4 bits keep the plain min/max grid
-// with a fractional zero point and pack two codes per byte (even channel low). Constant rows store scale |c| (1 for
-// zeros) and a zero point one below the codes for negative c. Returns whether the row was finite.
-bool quantize_row(const float* row, int64_t D, int64_t bits, float qmin, float qmax, uint8_t* out, float* scale,
-                  float* zero) {
-  const float levels = qmax - qmin;
-  bool finite = true;
-  float fmin = row[0], fmax = row[0];
-  for (int64_t d = 0; d < D; ++d) {
-    finite = finite && std::isfinite(row[d]);
-    fmin = std::min(fmin, row[d]);
-    fmax = std::max(fmax, row[d]);
-  }
-  const float lo = bits == 8 ? std::min(fmin, 0.f) : fmin, hi = bits == 8 ? std::max(fmax, 0.f) : fmax;
-  const bool constant = fmax == fmin;
-  float s = (hi - lo) / levels;
-  float z = qmin - lo / (constant ? 1.f : s);
-  if (bits == 8) z = std::min(std::max(std::nearbyint(z), qmin), qmax);
-  if (constant) {
-    const float abs_c = std::fabs(fmax);
-    s = abs_c > 0.f ? abs_c : 1.f;
-    z = fmax < 0.f ? qmin + 1.f : qmin;
-  }
-  *scale = s;
-  *zero = z;
-  auto code = [&](float v) { return static_cast<uint8_t>(std::min(std::max(std::nearbyint(v / s + z), qmin), qmax)); };
-  if (bits == 8) {
-    for (int64_t d = 0; d < D; ++d) out[d] = code(row[d]);
-  } else {
-    for (int64_t j = 0; j < D / 2; ++j) out[j] = static_cast<uint8_t>(code(row[2 * j]) | (code(row[2 * j + 1]) << 4));
-  }
-  return finite;
 }
 
 void check_bits_and_dim(int64_t bits, int64_t D) {
