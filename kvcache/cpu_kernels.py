@@ -59,7 +59,7 @@ def quantize_token_cpu(kernels, states, bits: int, qmin: int, qmax: int):
     (a decode step quantizes one position per layer)."""
     b, h, n, d = states.shape
     codes, scale, zero, finite = kernels.quantize_token(states.reshape(-1, d).contiguous(), bits, qmin, qmax)
-    _check_finite(finite)
+    check_finite(finite)
     return codes.view(b, h, n, -1), scale.view(b, h, n, 1), zero.view(b, h, n, 1)
 
 
@@ -68,11 +68,12 @@ def quantize_append_cpu(kernels, states, codes, scale, zero, old: int, bits: int
     .] at positions ``old`` .. ``old + n - 1`` (nothing else touched, so a raise leaves the filled part as it was);
     returns the buffers' views of positions 0 .. old + n - 1."""
     finite, *views = kernels.quantize_append(states.contiguous(), codes, scale, zero, old, bits, qmin, qmax)
-    _check_finite(finite)
+    check_finite(finite)
     return views
 
 
-def _check_finite(finite: bool) -> None:
+def check_finite(finite: bool) -> None:
+    """The error of ``quantize_cache_v`` for states that held NaN or inf (the kernels report it as a flag)."""
     if not finite:
         raise ValueError("quantize_cache_v: fdata contains NaN or inf values, which cannot be quantized")
 

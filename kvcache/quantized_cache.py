@@ -220,6 +220,30 @@ class QuantizedKVLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return 0 if self.q_value is None else self.q_value.shape[-2]
 
+    def room(self, filled: int):
+        """The reserved buffers of (q_key, key_scale, key_zero, q_value, value_scale, value_zero), [b, h, capacity, .],
+        when this is an 8-bit token-layout layer (float32 scales and zeros) holding ``filled`` positions as the
+        prefix views it last set, with at least one slot after them: for a caller that quantizes the next position
+        into them itself (the fused decode step, qwen_model/cpu_decode_step.py) and then calls ``commit``; None
+        otherwise (append through ``update``)."""
+        if (self.bits != 8 or self.key_layout != "token" or self.granularity != "token"
+                or self.storage_dtype is not None or not self.is_initialized):
+            return None
+        buffers = []
+        for name in self._names:
+            view, buffer = getattr(self, name), self._buffers.get(name)
+            if (buffer is None or view is None or view is not self._views.get(name) or view.shape[-2] != filled
+                    or buffer.shape[-2] <= filled or view.data_ptr() != buffer.data_ptr()):
+                return None
+            buffers.append(buffer)
+        if buffers[0].dtype != torch.uint8 or buffers[1].dtype != torch.float32:
+            return None
+        return buffers
+
+    def commit(self, filled: int) -> None:
+        """Takes the first ``filled`` positions of the buffers (the caller wrote the last after ``room``) as filled."""
+        self._set_views(self._names, [self._buffers[name].narrow(-2, 0, filled) for name in self._names])
+
     def reset(self) -> None:
         self._clear()
         super().reset()

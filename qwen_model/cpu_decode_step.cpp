@@ -1,12 +1,12 @@
 // A decoded token through all of a GPTQ model's blocks in one call and one parallel region (qwen_model/
-// cpu_decode_step.py): per block ln_1, c_attn, the rotary, the float cache's append and attention, c_proj and the
-// residual, ln_2, the SwiGLU MLP and its residual. Run op by op, a decode step of SmolLM2-135M makes ~300 calls that
+// cpu_decode_step.py): per block ln_1, c_attn, the rotary, the cache's append and attention (the float cache, or the
+// int8 token-layout quantized cache), c_proj and the residual, ln_2, the SwiGLU MLP and its residual. Run op by op, a decode step of SmolLM2-135M makes ~300 calls that
 // each start cold (the weights and the float cache stream through every cache level) and ~400 tensor ops between
 // them; here the threads stay in one region, meeting at barriers, so memory keeps streaming between layers.
 //
 // Each piece is the arithmetic of the op-by-op path, shared with it through headers: the GEMV (gptq_gemv.h, the same
 // word blocks summed in the same order), the norm and rotary (decode_ops.h), the one-pass attention (attend_blocks.h,
-// the same units and merge), ATen's silu; residuals and the gate's product are single roundings. The result equals
+// the same units and merge; token_codes.h for the int8 cache's codes and their quantization), ATen's silu; residuals and the gate's product are single roundings. The result equals
 // the op-by-op path's bit for bit. Small ops (norms, rotary, sums of parts, residuals) are computed by every thread
 // into its own buffers, so they need no barrier; the cache rows are written by one thread each.
 #include <torch/extension.h>
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../kvcache/attend_blocks.h"
+#include "../kvcache/token_codes.h"
 #include "../quantize/gptq_gemv.h"
 #include "decode_ops.h"
 
@@ -49,6 +50,58 @@ void gemv(const float* x, int64_t rows, const Layer& layer, int64_t parts, float
     gptq_gemv::gemv_part<BITS>(x, rows, inputs(layer, BITS), layer, partial + part * size, part, parts);
 #pragma omp barrier
   gptq_gemv::sum_parts(partial, parts, rows, outputs(layer), gptq_gemv::bias_data(layer.bias), y);
+}
+
+// A block's float cache: reserved key and value buffers [B, H, capacity, D] float32.
+struct FloatLayer {
+  float* keys;
+  float* values;
+  int64_t capacity;
+
+  bool append(int64_t r, int64_t pos, const float* key, const float* value, int64_t D) const {
+    std::copy(key, key + D, keys + (r * capacity + pos) * D);
+    std::copy(value, value + D, values + (r * capacity + pos) * D);
+    return true;
+  }
+
+  template <int64_t D>
+  one_pass::FloatRows<D> rows(const float* query) const {
+    return {query, keys, values, D, capacity * D, capacity * D};
+  }
+};
+
+// A block's int8 token-layout cache: reserved codes [B, H, capacity, D] uint8, scales and zeros [B, H, capacity, 1]
+// float32; append quantizes each row (quantize_append's arithmetic) and returns whether it was finite.
+struct Int8Layer {
+  uint8_t* key_codes;
+  float* key_scale;
+  float* key_zero;
+  uint8_t* value_codes;
+  float* value_scale;
+  float* value_zero;
+  int64_t capacity;
+  float qmin, qmax;
+
+  bool append(int64_t r, int64_t pos, const float* key, const float* value, int64_t D) const {
+    const int64_t p = r * capacity + pos;
+    const bool key_finite = token_codes::quantize_row(key, D, 8, qmin, qmax, key_codes + p * D, key_scale + p,
+                                                      key_zero + p);
+    return token_codes::quantize_row(value, D, 8, qmin, qmax, value_codes + p * D, value_scale + p, value_zero + p) &&
+           key_finite;
+  }
+
+  template <int64_t D>
+  token_codes::TokenRows<D, 8> rows(const float* query) const {
+    return {query, D, D, key_codes, capacity * D, key_scale, capacity, key_zero, capacity, value_codes,
+            capacity * D, value_scale, capacity, value_zero, capacity};
+  }
+};
+
+void check_buffer(const at::Tensor& t, at::ScalarType dtype, int64_t B, int64_t H, int64_t past, int64_t last,
+                  const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 4 && t.size(0) == B && t.size(1) == H &&
+                  t.size(2) > past && t.size(3) == last && t.is_contiguous(),
+              what, " must be contiguous ", c10::toString(dtype), " [", B, ", ", H, ", > ", past, ", ", last, "]");
 }
 
 class DecodePlan {
@@ -91,37 +144,79 @@ class DecodePlan {
   // [B, 1, 1, past + 1]. Returns the hidden states after the last block, [B, E].
   at::Tensor step(const at::Tensor& hidden, const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
                   int64_t past, const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& mask) {
-    const int64_t E = hidden_, H = heads_, D = head_dim_, P = H * D, F = ffn_;
-    TORCH_CHECK(hidden.device().is_cpu() && hidden.scalar_type() == at::kFloat && hidden.dim() == 2 &&
-                    hidden.size(1) == E && hidden.size(0) > 0 && hidden.is_contiguous(),
-                "hidden must be a contiguous float32 CPU tensor [batch, ", E, "]");
-    const int64_t B = hidden.size(0), T = past + 1, R = B * H;
-    TORCH_CHECK(past >= 0, "past must be >= 0");
+    check_step(hidden, past, cos, sin, mask);
     TORCH_CHECK(keys.size() == blocks_.size() && values.size() == blocks_.size(), "one key and one value buffer per "
                 "block");
-    for (const auto* list : {&keys, &values})
-      for (const auto& t : *list)
-        TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(0) == B &&
-                        t.size(1) == H && t.size(2) > past && t.size(3) == D && t.is_contiguous(),
-                    "cache buffers must be contiguous float32 [", B, ", ", H, ", > ", past, ", ", D, "]");
+    const int64_t B = hidden.size(0);
+    std::vector<FloatLayer> layers;
+    for (size_t l = 0; l < blocks_.size(); ++l) {
+      check_buffer(keys[l], at::kFloat, B, heads_, past, head_dim_, "cache buffers");
+      check_buffer(values[l], at::kFloat, B, heads_, past, head_dim_, "cache buffers");
+      layers.push_back({keys[l].data_ptr<float>(), values[l].data_ptr<float>(), keys[l].size(2)});
+    }
+    return run(hidden, layers, past, cos, sin, mask).first;
+  }
+
+  // The same over the int8 token-layout quantized cache: per block (q_key, key_scale, key_zero, q_value, value_scale,
+  // value_zero), the layer's reserved buffers (codes [B, heads, capacity > past, head_dim] uint8, scales and zeros
+  // [B, heads, capacity, 1] float32); this step's key and value are quantized into position `past` with the codes'
+  // range [qmin, qmax]. Returns (hidden states, whether every quantized row was finite): where one was not, the caller
+  // must not take position `past` as filled.
+  std::pair<at::Tensor, bool> step_int8(const at::Tensor& hidden, const std::vector<std::vector<at::Tensor>>& caches,
+                                        int64_t past, const at::Tensor& cos, const at::Tensor& sin,
+                                        const c10::optional<at::Tensor>& mask, double qmin, double qmax) {
+    check_step(hidden, past, cos, sin, mask);
+    TORCH_CHECK(caches.size() == blocks_.size(), "one cache layer per block");
+    const int64_t B = hidden.size(0);
+    std::vector<Int8Layer> layers;
+    for (const auto& c : caches) {
+      TORCH_CHECK(c.size() == 6, "an int8 cache layer is (q_key, key_scale, key_zero, q_value, value_scale, "
+                  "value_zero)");
+      for (int i : {0, 3}) check_buffer(c[i], at::kByte, B, heads_, past, head_dim_, "int8 codes");
+      for (int i : {1, 2, 4, 5}) check_buffer(c[i], at::kFloat, B, heads_, past, 1, "int8 scales and zeros");
+      for (int i = 1; i < 6; ++i)
+        TORCH_CHECK(c[i].size(2) == c[0].size(2), "an int8 cache layer's buffers must have one capacity");
+      layers.push_back({c[0].data_ptr<uint8_t>(), c[1].data_ptr<float>(), c[2].data_ptr<float>(),
+                        c[3].data_ptr<uint8_t>(), c[4].data_ptr<float>(), c[5].data_ptr<float>(), c[0].size(2),
+                        static_cast<float>(qmin), static_cast<float>(qmax)});
+    }
+    return run(hidden, layers, past, cos, sin, mask);
+  }
+
+ private:
+  void check_step(const at::Tensor& hidden, int64_t past, const at::Tensor& cos, const at::Tensor& sin,
+                  const c10::optional<at::Tensor>& mask) const {
+    TORCH_CHECK(hidden.device().is_cpu() && hidden.scalar_type() == at::kFloat && hidden.dim() == 2 &&
+                    hidden.size(1) == hidden_ && hidden.size(0) > 0 && hidden.is_contiguous(),
+                "hidden must be a contiguous float32 CPU tensor [batch, ", hidden_, "]");
+    TORCH_CHECK(past >= 0, "past must be >= 0");
+    const int64_t B = hidden.size(0), D = head_dim_;
     for (const auto* t : {&cos, &sin})
       TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 &&
                       (t->size(0) == 1 || t->size(0) == B) && t->size(1) == 1 && t->size(2) == 1 &&
                       t->size(3) == D && t->is_contiguous(),
                   "cos and sin must be contiguous float32 [1 or batch, 1, 1, ", D, "]");
-    at::Tensor mask_t;
-    if (mask.has_value() && mask->defined()) {
+    if (mask.has_value() && mask->defined())
       TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->dim() == 4 && mask->size(1) == 1 && mask->size(2) == 1 &&
-                      mask->size(3) == T && (mask->size(0) == 1 || mask->size(0) == B),
-                  "mask must be float32 [1 or batch, 1, 1, ", T, "]");
-      mask_t = mask->expand({B, H, 1, T});
-    }
+                      mask->size(3) == past + 1 && (mask->size(0) == 1 || mask->size(0) == B),
+                  "mask must be float32 [1 or batch, 1, 1, ", past + 1, "]");
+  }
+
+  // Every block for a checked step over `layers` (one cache layer per block, see FloatLayer / Int8Layer).
+  template <typename CacheLayer>
+  std::pair<at::Tensor, bool> run(const at::Tensor& hidden, const std::vector<CacheLayer>& layers, int64_t past,
+                                  const at::Tensor& cos, const at::Tensor& sin,
+                                  const c10::optional<at::Tensor>& mask) const {
+    const int64_t E = hidden_, H = heads_, D = head_dim_, P = H * D, F = ffn_;
+    const int64_t B = hidden.size(0), T = past + 1, R = B * H;
+    at::Tensor mask_t;
+    if (mask.has_value() && mask->defined()) mask_t = mask->expand({B, H, 1, T});
     std::vector<int64_t> parts(blocks_.size() * 5);
     int64_t most = 1;
     for (size_t l = 0; l < blocks_.size(); ++l) {
       const Block& b = blocks_[l];
-      const Layer* layers[] = {&b.c_attn, &b.c_proj, &b.w1, &b.w2, &b.mlp_proj};
-      for (int i = 0; i < 5; ++i) most = std::max(most, parts[l * 5 + i] = gptq_gemv::word_parts(*layers[i]));
+      const Layer* linears[] = {&b.c_attn, &b.c_proj, &b.w1, &b.w2, &b.mlp_proj};
+      for (int i = 0; i < 5; ++i) most = std::max(most, parts[l * 5 + i] = gptq_gemv::word_parts(*linears[i]));
     }
     // Partial outputs, one buffer per GEMV in a row of three (c_attn and w1 / c_proj / w2 and the MLP's c_proj), so
     // a GEMV never writes parts that a slower thread may still be summing.
@@ -134,20 +229,18 @@ class DecodePlan {
       for (int d = 0; d < 4; ++d) split.mask_stride[d] = mask_t.stride(d);
     at::Tensor out = hidden.clone();
     const int threads = std::max(1, at::get_num_threads());
+    std::vector<char> finite(threads, 1);
 #pragma omp parallel num_threads(threads)
     {
       const int tid = omp_get_thread_num(), n = omp_get_num_threads();
       std::vector<float> h(out.data_ptr<float>(), out.data_ptr<float>() + B * E), x(B * E), qkv(B * 3 * P),
-          query(R * D), y(B * E), up(B * F), gate(B * F);
+          query(R * D), key(D), y(B * E), up(B * F), gate(B * F);
       for (size_t l = 0; l < blocks_.size(); ++l) {
         const Block& b = blocks_[l];
         const int64_t* lp = parts.data() + l * 5;
         for (int64_t r = 0; r < B; ++r)
           decode_ops::rms_norm_row(h.data() + r * E, b.ln_1.data_ptr<float>(), E, eps_, x.data() + r * E);
         run_gemv(x.data(), B, b.c_attn, lp[0], part_a.data(), qkv.data(), tid, n);
-        float* key_rows = keys[l].data_ptr<float>();
-        float* value_rows = values[l].data_ptr<float>();
-        const int64_t capacity = keys[l].size(2);
         for (int64_t r = 0; r < R; ++r) {  // r = (sequence, head): its rotated query; its key and value cached
           const int64_t i = r / H, head = r % H, ci = cos.size(0) == 1 ? 0 : i;
           const float* c = cos.data_ptr<float>() + ci * D;
@@ -155,12 +248,11 @@ class DecodePlan {
           const float* row = qkv.data() + i * 3 * P;
           decode_ops::rotate_head(row + head * D, c, s, D, query.data() + r * D);
           if (r % n != tid) continue;
-          float* slot = key_rows + (r * capacity + past) * D;
-          decode_ops::rotate_head(row + P + head * D, c, s, D, slot);
-          std::copy(row + 2 * P + head * D, row + 2 * P + (head + 1) * D, value_rows + (r * capacity + past) * D);
+          decode_ops::rotate_head(row + P + head * D, c, s, D, key.data());
+          if (!layers[l].append(r, past, key.data(), row + 2 * P + head * D, D)) finite[tid] = 0;
         }
 #pragma omp barrier
-        attend(split, query.data(), key_rows, value_rows, capacity, units, blocks_per_row, attended.data(), tid, n);
+        attend(split, layers[l], query.data(), units, blocks_per_row, attended.data(), tid, n);
         run_gemv(attended.data(), B, b.c_proj, lp[1], part_b.data(), y.data(), tid, n);
         for (int64_t k = 0; k < B * E; ++k) h[k] += y[k];
         for (int64_t r = 0; r < B; ++r)
@@ -177,10 +269,9 @@ class DecodePlan {
       }
       if (tid == 0) std::copy(h.begin(), h.end(), out.data_ptr<float>());
     }
-    return out;
+    return {out, std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; })};
   }
 
- private:
   // gemv for this plan's bits; wait=false computes the parts without the barrier and the sum (w1, whose parts are
   // summed after w2's barrier).
   void run_gemv(const float* x, int64_t rows, const Layer& layer, int64_t parts, float* partial, float* y, int tid,
@@ -203,8 +294,9 @@ class DecodePlan {
 
   // The layer's attention: each thread runs a contiguous run of the (row, block) units, then (after a barrier) merges
   // its share of the rows into the shared `attended` [R, head_dim], which every thread reads after the last barrier.
-  void attend(const one_pass::SplitSoftmax& split, const float* query, const float* keys, const float* values,
-              int64_t capacity, int64_t units, int64_t blocks_per_row, float* attended, int tid, int threads) const {
+  template <typename CacheLayer>
+  void attend(const one_pass::SplitSoftmax& split, const CacheLayer& layer, const float* query, int64_t units,
+              int64_t blocks_per_row, float* attended, int tid, int threads) const {
     auto run = [&](auto rows) {
       auto score = [&](int64_t r, int64_t i, int64_t t) { return rows.score(r, i, t); };
       auto weigh = [&](float* acc, int64_t r, int64_t t0, int64_t t1, const float* p) {
@@ -213,8 +305,8 @@ class DecodePlan {
       for (int64_t u = units * tid / threads; u < units * (tid + 1) / threads; ++u)
         split.unit(u / blocks_per_row, u % blocks_per_row, score, weigh);
     };
-    if (head_dim_ == 64) run(one_pass::FloatRows<64>{query, keys, values, 64, capacity * 64, capacity * 64});
-    else run(one_pass::FloatRows<128>{query, keys, values, 128, capacity * 128, capacity * 128});
+    if (head_dim_ == 64) run(layer.template rows<64>(query));
+    else run(layer.template rows<128>(query));
 #pragma omp barrier
     for (int64_t r = tid; r < split.R; r += threads) split.merge(r, attended + r * head_dim_);
 #pragma omp barrier
@@ -233,5 +325,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("bits"), py::arg("heads"), py::arg("eps"), py::arg("scale"))
       .def("step", &DecodePlan::step, py::arg("hidden"), py::arg("keys"), py::arg("values"), py::arg("past"),
            py::arg("cos"), py::arg("sin"), py::arg("mask") = py::none(),
-           "hidden [batch, E] of one decoded token through every block; writes its keys and values at `past`");
+           "hidden [batch, E] of one decoded token through every block; writes its keys and values at `past`")
+      .def("step_int8", &DecodePlan::step_int8, py::arg("hidden"), py::arg("caches"), py::arg("past"), py::arg("cos"),
+           py::arg("sin"), py::arg("mask") = py::none(), py::arg("qmin") = 0.0, py::arg("qmax") = 255.0,
+           "step over the int8 token-layout cache; returns (hidden, whether every quantized row was finite)");
 }

@@ -8,9 +8,9 @@ block in one parallel region instead, with the same arithmetic (the logits equal
 It applies to a decoded token (one position per sequence, fewer than ``cpu_gptq.GEMV_ROWS`` sequences) in float32
 on CPU, without autograd recording, when every block's five linear layers are QuantLinear layers already running on
 this package's CPU kernels with their inputs as they are (as ``quant_linear.gated_mlp_cpu`` requires), the same
-bits, the rotary covers whole heads, no logn scaling applies, and the cache is the float ``ReservedCache`` that
-``generate()`` makes, with room for the token in every layer. Elsewhere it returns None and the model runs its
-blocks one by one. The plan (the layers' tensors as the kernel takes them) is built once per model and rebuilt when a
+bits, the rotary covers whole heads, no logn scaling applies, and the cache is one that ``generate()`` makes, with
+room for the token in every layer: the float ``ReservedCache``, or the int8 ``QuantizedKVCache`` in its token layout
+(float32 scales). Elsewhere it returns None and the model runs its blocks one by one. The plan (the layers' tensors as the kernel takes them) is built once per model and rebuilt when a
 layer's prepared weight or a norm's weight changes.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from kvcache.cpp_kernels import load_once
+from kvcache.cpu_kernels import check_finite
+from kvcache.quantized_cache import QuantizedKVCache, QuantizedKVLayer
 from kvcache.reserved import ReservedCache, ReservedLayer
 from quantize import cpu_gptq
 from quantize.quant_linear import QuantLinear
@@ -84,7 +86,7 @@ def decode_blocks_cpu(model, hidden: torch.Tensor, cache, rotary, mask, logn_sca
     and values appended to ``cache``; None where the fused step does not apply (see the module docstring)."""
     b, s, width = hidden.shape
     if (s != 1 or b >= cpu_gptq.GEMV_ROWS or hidden.dtype != torch.float32 or hidden.device.type != "cpu"
-            or logn_scale is not None or model.training or not isinstance(cache, ReservedCache)
+            or logn_scale is not None or model.training or not isinstance(cache, (ReservedCache, QuantizedKVCache))
             or (mask is not None and mask.dtype != torch.float32)):
         return None
     parts = []
@@ -100,11 +102,13 @@ def decode_blocks_cpu(model, hidden: torch.Tensor, cache, rotary, mask, logn_sca
     if cos.dtype != torch.float32 or cos.shape[-1] * model.config.num_attention_heads * 3 != parts[0][1].out_features:
         return None  # a rotary over part of each head
     layers = cache.layers
-    if len(layers) != len(parts) or not all(isinstance(layer, ReservedLayer) for layer in layers):
+    if len(layers) != len(parts) or not (
+            all(type(layer) is ReservedLayer for layer in layers) or all(type(layer) is QuantizedKVLayer
+                                                                         for layer in layers)):
         return None
-    past = layers[0].keys.shape[-2] if layers[0].is_initialized else -1
+    past = layers[0].get_seq_length()
     rooms = [layer.room(past) for layer in layers]
-    if past < 0 or any(room is None for room in rooms):
+    if any(room is None for room in rooms):
         return None
     kernels = load_step()
     plan = None if kernels is None else _plan(model, parts, kernels)
@@ -113,8 +117,12 @@ def decode_blocks_cpu(model, hidden: torch.Tensor, cache, rotary, mask, logn_sca
     if "_cpu_decode_logged" not in model.__dict__:
         model._cpu_decode_logged = True
         log.info("decoded tokens run all %d blocks as one call of the fused CPU decode step", len(parts))
-    out = plan.step(hidden.reshape(b, width).contiguous(), [room[0] for room in rooms], [room[1] for room in rooms],
-                    past, cos.contiguous(), sin.contiguous(), mask)
+    hidden2, cos, sin = hidden.reshape(b, width).contiguous(), cos.contiguous(), sin.contiguous()
+    if type(layers[0]) is ReservedLayer:
+        out = plan.step(hidden2, [room[0] for room in rooms], [room[1] for room in rooms], past, cos, sin, mask)
+    else:
+        out, finite = plan.step_int8(hidden2, rooms, past, cos, sin, mask, layers[0].qmin, layers[0].qmax)
+        check_finite(finite)  # as the op-by-op path raises, before any layer takes the position as filled
     for layer in layers:
         layer.commit(past + 1)
     return out.view(b, 1, width)

@@ -334,7 +334,7 @@ class QWenModel(QWenPreTrainedModel):
                                     inputs_embeds.device, explicit=quantized or eager)
 
         hidden_states = self.drop(inputs_embeds)
-        fused = None if quantized else decode_blocks_cpu(self, hidden_states, cache, rotary, mask, logn_scale)
+        fused = decode_blocks_cpu(self, hidden_states, cache, rotary, mask, logn_scale)
         if fused is not None:  # a decoded token of a GPTQ model on CPU: every block in one call, the same values
             hidden_states = fused
         else:

@@ -55,10 +55,13 @@ def decode(model, ids, steps, fused, monkeypatch, attention_mask=None):
 
 @pytest.mark.parametrize("bits,group_size,sym", [(4, 64, True), (8, 32, False), (2, 128, True), (4, 48, False)])
 @pytest.mark.parametrize("batch,prompt", [(1, 5), (1, 300), (3, 270)])
-def test_fused_step_equals_the_blocks_one_by_one(bits, group_size, sym, batch, prompt, monkeypatch):
+@pytest.mark.parametrize("kv", ["float", "int8"])
+def test_fused_step_equals_the_blocks_one_by_one(bits, group_size, sym, batch, prompt, kv, monkeypatch):
     """Bits 2/4/8, symmetric and asymmetric zeros, a partial last group (48), prompts inside one attention block and
-    across two (256 positions each), batch 3 with left padding (an additive mask): every logit equal."""
+    across two (256 positions each), batch 3 with left padding (an additive mask), the float cache and the int8
+    quantized cache: every logit equal."""
     model = quantized_tiny(bits, group_size, sym)
+    model.config.use_cache_quantization = kv == "int8"
     ids = torch.randint(1, 512, (batch, prompt), generator=torch.Generator().manual_seed(1))
     mask = None
     if batch > 1:
@@ -99,7 +102,7 @@ def _step_inputs(model, ids):
 
 def test_falls_back_where_it_does_not_apply(monkeypatch):
     """None (the blocks one by one) for: act-order layers (gathered inputs), head_dim 16, the plain DynamicCache, a
-    cache with no room left, autograd recording, the quantized KV cache, and float weights."""
+    cache with no room left, autograd recording, the 4-bit KV cache (channel_groups keys), and float weights."""
     ids = torch.randint(1, 512, (1, 12), generator=torch.Generator().manual_seed(3))
     for model in (quantized_tiny(4, 64, desc_act=True), quantized_tiny(4, 64, heads=8, head_dim=16),
                   QWenLMHeadModel(QWenConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2,
@@ -122,10 +125,30 @@ def test_falls_back_where_it_does_not_apply(monkeypatch):
     roomy = _step_inputs(model, ids)
     model(ids[:, :1], past_key_values=roomy, use_cache=True)  # grad enabled: the ln weights require grad
     assert calls == [None] * 6  # (prefill, decode) x 3: none took the fused step
-    model.config.use_cache_quantization = True
+    model.config.use_cache_quantization, model.config.cache_bits = True, 4
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == ids.shape[1] + 3 and calls == [None] * 6  # the quantized cache: not even asked
+    assert out.shape[1] == ids.shape[1] + 3 and calls == [None] * 9  # prefill and 2 decode steps, one by one
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_int8_cache_refuses_nan_and_keeps_its_positions(fused, monkeypatch):
+    """A token whose key or value holds NaN cannot be quantized: the fused step raises the op-by-op path's error and
+    no layer takes the position as filled."""
+    from kvcache.quantized_cache import QuantizedKVCache
+
+    model = quantized_tiny(4, 64)
+    if not fused:
+        monkeypatch.setattr(modeling_qwen, "decode_blocks_cpu", lambda *args: None)
+    ids = torch.randint(1, 512, (1, 10), generator=torch.Generator().manual_seed(8))
+    cache = QuantizedKVCache(bits=8, config=model.config, capacity=16)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            model(inputs_embeds=torch.full((1, 1, 128), float("nan")), past_key_values=cache, use_cache=True)
+        assert [layer.get_seq_length() for layer in cache.layers] == [10, 10]
+        out = model(ids[:, :1], past_key_values=cache, use_cache=True)
+    assert torch.isfinite(out.logits).all() and cache.get_seq_length() == 11
 
 
 def test_plan_rebuilt_when_the_weights_change(monkeypatch, caplog):
@@ -180,6 +203,14 @@ def test_plan_and_step_refuse_bad_input():
         plan.step(torch.zeros(1, 128), keys, keys, 3, cos, cos, torch.zeros(1, 1, 1, 3))
     out = plan.step(torch.zeros(1, 128), keys, [k.clone() for k in keys], 3, cos, cos, torch.zeros(1, 1, 1, 4))
     assert out.shape == (1, 128) and torch.isfinite(out).all()
+    codes, scales = torch.zeros(1, 2, 8, 64, dtype=torch.uint8), torch.ones(1, 2, 8, 1)
+    layer = [codes, scales, scales.clone(), codes.clone(), scales.clone(), scales.clone()]
+    with pytest.raises(RuntimeError, match="an int8 cache layer is"):
+        plan.step_int8(torch.zeros(1, 128), [layer[:5]] * 2, 3, cos, cos)
+    with pytest.raises(RuntimeError, match="int8 scales and zeros must be"):
+        plan.step_int8(torch.zeros(1, 128), [layer[:1] + [scales.half()] + layer[2:]] * 2, 3, cos, cos)
+    out, finite = plan.step_int8(torch.zeros(1, 128), [layer, [t.clone() for t in layer]], 3, cos, cos)
+    assert finite and out.shape == (1, 128) and torch.isfinite(out).all()
 
 
 def test_portable_build_agrees(monkeypatch):
@@ -228,12 +259,14 @@ def smollm2_int4(smollm2_dir, tmp_path_factory):
     return out
 
 
-def test_real_model_same_logits(smollm2_int4, monkeypatch):
+@pytest.mark.parametrize("kv", ["float", "int8"])
+def test_real_model_same_logits(smollm2_int4, kv, monkeypatch):
     """Real weights and real text (SmolLM2's 576 hidden, 9 heads of 64, 1536-wide MLP, float16 head): a 300-token
-    prompt, 6 greedy tokens, every logit equal with the fused step and without."""
+    prompt, 6 greedy tokens, every logit equal with the fused step and without, over the float and the int8 cache."""
     from transformers import AutoTokenizer
 
-    model = QWenLMHeadModel.from_pretrained(smollm2_int4, gptq_kernel="cpu").eval()
+    model = QWenLMHeadModel.from_pretrained(smollm2_int4, gptq_kernel="cpu",
+                                            use_cache_quantization=kv == "int8").eval()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_int4)
     text = open(os.path.join(os.path.dirname(__file__), "..", "calib_data", "heldout_eval.txt")).read()
     ids = torch.tensor([tokenizer(text)["input_ids"][:300]])
