@@ -1,14 +1,16 @@
 // A decoded token through all of a GPTQ model's blocks in one call and one parallel region (qwen_model/
 // cpu_decode_step.py): per block ln_1, c_attn, the rotary, the cache's append and attention (the float cache, or the
-// int8 token-layout quantized cache), c_proj and the residual, ln_2, the SwiGLU MLP and its residual. Run op by op, a decode step of SmolLM2-135M makes ~300 calls that
-// each start cold (the weights and the float cache stream through every cache level) and ~400 tensor ops between
-// them; here the threads stay in one region, meeting at barriers, so memory keeps streaming between layers.
+// int8 token-layout quantized cache), c_proj and the residual, ln_2, the SwiGLU MLP and its residual. Run op by op,
+// a decode step of SmolLM2-135M makes ~300 calls that each start cold (the weights and the cache stream through every
+// cache level) and ~400 tensor ops between them; here the threads stay in one region, meeting at barriers, so memory
+// keeps streaming between layers.
 //
 // Each piece is the arithmetic of the op-by-op path, shared with it through headers: the GEMV (gptq_gemv.h, the same
 // word blocks summed in the same order), the norm and rotary (decode_ops.h), the one-pass attention (attend_blocks.h,
-// the same units and merge; token_codes.h for the int8 cache's codes and their quantization), ATen's silu; residuals and the gate's product are single roundings. The result equals
-// the op-by-op path's bit for bit. Small ops (norms, rotary, sums of parts, residuals) are computed by every thread
-// into its own buffers, so they need no barrier; the cache rows are written by one thread each.
+// the same units and merge; token_codes.h for the int8 cache's codes and their quantization), ATen's silu; residuals
+// and the gate's product are single roundings. The result equals the op-by-op path's bit for bit. Small ops (norms,
+// rotary, sums of parts, residuals) are computed by every thread into its own buffers, so they need no barrier; each
+// cache row is written by one thread.
 #include <torch/extension.h>
 
 #include <omp.h>

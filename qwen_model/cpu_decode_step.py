@@ -1,6 +1,6 @@
 """A decoded token through all of a GPTQ model's blocks in one C++ call on CPU (``cpu_decode_step.cpp``).
 
-Op by op, a decode step of SmolLM2-135M (Int4) makes ~300 kernel calls and ~400 tensor ops; the weights and the float
+Op by op, a decode step of SmolLM2-135M (Int4) makes ~300 kernel calls and ~400 tensor ops; the weights and the
 cache of a step stream through every cache level, so each call starts cold and memory idles between them (about 9 ms
 of an 18.7 ms step at 1024 positions on the 2-core box, benchmarks/RESULTS.md). ``decode_blocks_cpu`` runs every
 block in one parallel region instead, with the same arithmetic (the logits equal the op-by-op path's bit for bit).
@@ -10,8 +10,9 @@ on CPU, without autograd recording, when every block's five linear layers are Qu
 this package's CPU kernels with their inputs as they are (as ``quant_linear.gated_mlp_cpu`` requires), the same
 bits, the rotary covers whole heads, no logn scaling applies, and the cache is one that ``generate()`` makes, with
 room for the token in every layer: the float ``ReservedCache``, or the int8 ``QuantizedKVCache`` in its token layout
-(float32 scales). Elsewhere it returns None and the model runs its blocks one by one. The plan (the layers' tensors as the kernel takes them) is built once per model and rebuilt when a
-layer's prepared weight or a norm's weight changes.
+(float32 scales). Elsewhere it returns None and the model runs its blocks one by one. The plan (the layers' tensors
+as the kernel takes them) is built once per model and rebuilt when a layer's prepared weight or a norm's weight
+changes.
 """
 from __future__ import annotations
 
