@@ -130,6 +130,13 @@ class QuantLinear(nn.Module):
         self._prepared = {}  # .to() / .half() / to_empty(): prepare from the moved buffers when needed
         return super()._apply(fn, recurse)
 
+    def __getstate__(self):
+        """Copies and pickles leave the prepared CPU weights behind (they hold the compiled extension module); a copy
+        prepares its own at its first forward."""
+        state = self.__dict__.copy()
+        state["_prepared"] = {}
+        return state
+
     def kernel_for(self, x: torch.Tensor) -> str:
         """The kernel forward uses for input x: "triton", "cpu", "int4pack" or "torch"."""
         floating = x.dtype in _FLOATS

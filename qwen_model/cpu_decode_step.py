@@ -17,6 +17,7 @@ changes.
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 
 import torch
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 EXTENSION_NAME = "qwen_quant_cpu_decode_step"
 _SOURCE = Path(__file__).resolve().parent / "cpu_decode_step.cpp"
 _state = {}
+# Per model (held weakly, outside the module, so that copy.deepcopy and pickling of a model never meet the C++
+# object): the parts its plan was built from and the plan; the models whose fused step was logged.
+_plans = weakref.WeakKeyDictionary()
+_logged = weakref.WeakSet()
 
 
 def load_step(portable: bool = False):
@@ -60,7 +65,7 @@ def _block_parts(block):
 def _plan(model, parts, kernels):
     """The model's DecodePlan for these parts (see _block_parts), built or rebuilt when they are not the ones it was
     built from; None where they do not qualify."""
-    cached = model.__dict__.get("_cpu_decode_plan")
+    cached = _plans.get(model)
     if cached is not None and len(cached[0]) == len(parts) and all(
             a is b for old, new in zip(cached[0], parts) for a, b in zip(old, new)):
         return cached[1]
@@ -78,7 +83,7 @@ def _plan(model, parts, kernels):
         except RuntimeError as err:  # shapes the kernel does not take (e.g. head_dim other than 64 or 128)
             log.info("fused CPU decode step not used: %s", str(err).splitlines()[0])
             plan = None
-    model._cpu_decode_plan = (parts, plan)
+    _plans[model] = (parts, plan)
     return plan
 
 
@@ -115,8 +120,8 @@ def decode_blocks_cpu(model, hidden: torch.Tensor, cache, rotary, mask, logn_sca
     plan = None if kernels is None else _plan(model, parts, kernels)
     if plan is None:
         return None
-    if "_cpu_decode_logged" not in model.__dict__:
-        model._cpu_decode_logged = True
+    if model not in _logged:
+        _logged.add(model)
         log.info("decoded tokens run all %d blocks as one call of the fused CPU decode step", len(parts))
     hidden2, cos, sin = hidden.reshape(b, width).contiguous(), cos.contiguous(), sin.contiguous()
     if type(layers[0]) is ReservedLayer:

@@ -2,6 +2,7 @@
 one call computes what the blocks one by one compute, to the bit (the same GEMV parts and sums, norm, rotary,
 attention units and merge, ATen's silu). Models: seeded tiny Qwen models with head_dim 64 (the kernel takes 64 and
 128) whose linears are GPTQ-quantized in-process, and SmolLM2-135M (real weights) cut to 3 blocks, Int4 RTN."""
+import copy
 import json
 import logging
 import os
@@ -153,7 +154,7 @@ def test_int8_cache_refuses_nan_and_keeps_its_positions(fused, monkeypatch):
 
 def test_plan_rebuilt_when_the_weights_change(monkeypatch, caplog):
     """The plan holds the layers' prepared tensors; after load_state_dict (new prepared weights) the fused step reads
-    the new weights. The kernel in use is logged once per model."""
+    the new weights; a deep copy of the model decodes alike. The kernel in use is logged once per model."""
     model, other = quantized_tiny(4, 64, seed=0), quantized_tiny(4, 64, seed=5)
     ids = torch.randint(1, 512, (1, 20), generator=torch.Generator().manual_seed(4))
     with caplog.at_level(logging.INFO, logger="qwen_model.cpu_decode_step"):
@@ -161,6 +162,8 @@ def test_plan_rebuilt_when_the_weights_change(monkeypatch, caplog):
         decode(model, ids, 3, True, monkeypatch)
     assert [r.getMessage() for r in caplog.records] == [
         "decoded tokens run all 2 blocks as one call of the fused CPU decode step"]
+    copied = copy.deepcopy(model)  # the plan lives outside the module
+    assert torch.equal(decode(copied, ids, 3, True, monkeypatch)[0], decode(model, ids, 3, True, monkeypatch)[0])
     model.load_state_dict(other.state_dict())
     fused = decode(model, ids, 3, True, monkeypatch)
     want = decode(other, ids, 3, False, monkeypatch)

@@ -264,6 +264,21 @@ def test_state_dict_and_reload(tmp_path):
     assert_close(fast(x), other_ref(x))
 
 
+def test_copy_and_pickle_after_a_forward():
+    """A prepared layer (its CPU weight holds the compiled extension) deep-copies and pickles; the copy prepares its
+    own weight and computes the same."""
+    import copy
+    import pickle
+
+    res = solved(32, 64, 4, 32, seed=9)
+    fast = QuantLinear.from_quantized(res.codes, res.scales, res.zeros, res.g_idx, None, 4, 32, kernel="cpu")
+    x = torch.randn(2, 64)
+    want = fast(x)
+    for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert clone._prepared == {} and torch.equal(clone(x), want) and "cpu" in clone._prepared
+    assert "cpu" in fast._prepared
+
+
 def test_kernel_setting_changed_after_a_forward():
     """forward remembers its CPU choice per `kernel` setting: set to "torch" afterwards, the layer runs the reference
     path (bit-identical to a fresh kernel="torch" layer), and back on "cpu" the kernels again."""
