@@ -378,13 +378,12 @@ at::Tensor token_rows(const at::Tensor& q, const at::Tensor& key_codes, const at
                       const at::Tensor& key_zero, const at::Tensor& value_codes, const at::Tensor& value_scale,
                       const at::Tensor& value_zero, const c10::optional<at::Tensor>& mask, double scale,
                       int64_t heads) {
-  const TokenRows<W, BITS> rows{q.data_ptr<float>(), q.stride(0), q.size(2),
-                                key_codes.data_ptr<uint8_t>(), key_codes.stride(0),
-                                key_scale.data_ptr<float>(), key_scale.stride(0),
-                                key_zero.data_ptr<float>(), key_zero.stride(0),
-                                value_codes.data_ptr<uint8_t>(), value_codes.stride(0),
-                                value_scale.data_ptr<float>(), value_scale.stride(0),
-                                value_zero.data_ptr<float>(), value_zero.stride(0)};
+  auto side = [](const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero) {
+    return TokenSide{codes.data_ptr<uint8_t>(), codes.stride(0), scale.data_ptr<float>(), scale.stride(0),
+                     zero.data_ptr<float>(), zero.stride(0)};
+  };
+  const TokenRows<W, BITS> rows{q.data_ptr<float>(), q.stride(0), q.size(2), side(key_codes, key_scale, key_zero),
+                                side(value_codes, value_scale, value_zero)};
   auto score = [&](int64_t r, int64_t i, int64_t t) { return rows.score(r, i, t); };
   auto weigh = [&](float* acc, int64_t r, int64_t t0, int64_t t1, const float* p) { rows.weigh(acc, r, t0, t1, p); };
   return attend_blocks(q.size(0), q.size(1), key_codes.size(1), q.size(2), heads, mask, scale, score, weigh);

@@ -135,40 +135,39 @@ inline bool quantize_row(const float* row, int64_t D, int64_t bits, float qmin, 
   return finite;
 }
 
-// A token-layout layer's rows as SplitSoftmax reads them: q [R, Q, D] (split order for 4 bits), codes [R, T, W],
-// scales and zeros [R, T], each row its stride apart (views into a reserved buffer are read in place). score(r, i, t)
-// is s_k[t] q . (k_q[t] - z_k[t]) (the value codes of the position fetched into L2 meanwhile); weigh adds
+// One side (keys or values) of a token-layout layer: codes [R, T, W], scales and zeros [R, T], each row its stride
+// apart (views into a reserved buffer are read in place).
+struct TokenSide {
+  const uint8_t* codes;
+  int64_t codes_stride;
+  const float* scale;
+  int64_t scale_stride;
+  const float* zero;
+  int64_t zero_stride;
+};
+
+// A token-layout layer's rows as SplitSoftmax reads them, q [R, Q, D] (split order for 4 bits): score(r, i, t) is
+// s_k[t] q . (k_q[t] - z_k[t]) (the value codes of the position fetched into L2 meanwhile); weigh adds
 // p s_v[t] (v_q[t] - z_v[t]) over a block's positions.
 template <int64_t W, int64_t BITS>
 struct TokenRows {
   const float* q;
   int64_t q_stride, D;
-  const uint8_t* key_codes;
-  int64_t key_codes_stride;
-  const float* key_scale;
-  int64_t key_scale_stride;
-  const float* key_zero;
-  int64_t key_zero_stride;
-  const uint8_t* value_codes;
-  int64_t value_codes_stride;
-  const float* value_scale;
-  int64_t value_scale_stride;
-  const float* value_zero;
-  int64_t value_zero_stride;
+  TokenSide key, value;
 
   float score(int64_t r, int64_t i, int64_t t) const {
-    const uint8_t* c = key_codes + r * key_codes_stride + t * W;
+    const uint8_t* c = key.codes + r * key.codes_stride + t * W;
     prefetch_ahead(c, W);
-    if (i == 0) __builtin_prefetch(value_codes + r * value_codes_stride + t * W, 0, 2);
-    return key_scale[r * key_scale_stride + t] * dot<W, BITS>(q + r * q_stride + i * D, c,
-                                                               key_zero[r * key_zero_stride + t]);
+    if (i == 0) __builtin_prefetch(value.codes + r * value.codes_stride + t * W, 0, 2);
+    return key.scale[r * key.scale_stride + t] * dot<W, BITS>(q + r * q_stride + i * D, c,
+                                                               key.zero[r * key.zero_stride + t]);
   }
 
   void weigh(float* acc, int64_t r, int64_t t0, int64_t t1, const float* p) const {
     std::fill(acc, acc + D, 0.f);
     for (int64_t t = t0; t < t1; ++t)
-      axpy<W, BITS>(acc, p[t - t0] * value_scale[r * value_scale_stride + t],
-                    value_codes + r * value_codes_stride + t * W, value_zero[r * value_zero_stride + t]);
+      axpy<W, BITS>(acc, p[t - t0] * value.scale[r * value.scale_stride + t],
+                    value.codes + r * value.codes_stride + t * W, value.zero[r * value.zero_stride + t]);
   }
 };
 

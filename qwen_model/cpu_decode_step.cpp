@@ -94,8 +94,8 @@ struct Int8Layer {
 
   template <int64_t D>
   token_codes::TokenRows<D, 8> rows(const float* query) const {
-    return {query, D, D, key_codes, capacity * D, key_scale, capacity, key_zero, capacity, value_codes,
-            capacity * D, value_scale, capacity, value_zero, capacity};
+    return {query, D, D, {key_codes, capacity * D, key_scale, capacity, key_zero, capacity},
+            {value_codes, capacity * D, value_scale, capacity, value_zero, capacity}};
   }
 };
 
