@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -33,6 +33,9 @@ from .configuration_qwen import QWenConfig
 from .qwen_generation_utils import DEFAULT_SYSTEM, decode_tokens, get_stop_words_ids, make_context
 
 logger = logging.getLogger(__name__)
+
+# New tokens of a chat turn when the checkpoint's generation_config does not say (Qwen-7B-Chat's says 512).
+CHAT_MAX_NEW_TOKENS = 512
 
 
 def _default_dtype(config: QWenConfig) -> torch.dtype:
@@ -480,6 +483,10 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         generation_config.eos_token_id = list(dict.fromkeys(eos + stop_ids))
         if generation_config.pad_token_id is None:
             generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        if generation_config.max_new_tokens is None and generation_config.max_length == GenerationConfig().max_length:
+            # a checkpoint that leaves the length at transformers' default (20 tokens in all, prompt included) would
+            # cut every answer short: the original release's generation_config.json says 512 new tokens
+            generation_config.max_new_tokens = CHAT_MAX_NEW_TOKENS
         input_ids = torch.tensor([context_tokens], device=self.device)
         return raw_text, context_tokens, input_ids, generation_config, chat_format
 

@@ -219,6 +219,20 @@ def test_chat_and_chat_stream(tiny_model, qwen_tokenizer):
     assert streamed and streamed[-1] == response2
 
 
+def test_chat_length_when_the_checkpoint_sets_none(tiny_dir, qwen_tokenizer):
+    """A generation_config without a length (e.g. SmolLM2's converted one) would leave transformers' 20 tokens, prompt
+    included, and cut every answer short: chat then allows the original release's 512 new tokens; a checkpoint's own
+    max_new_tokens is kept (and a caller's max_new_tokens= goes to generate(), which applies it over the config)."""
+    from qwen_model.modeling_qwen import CHAT_MAX_NEW_TOKENS
+
+    model = QWenLMHeadModel.from_pretrained(tiny_dir)
+    assert model.generation_config.max_new_tokens == 16  # the tiny checkpoint's own
+    assert model._chat_inputs(qwen_tokenizer, "hi", [], "sys", None, {})[3].max_new_tokens == 16
+    model.generation_config.max_new_tokens = None
+    assert model._chat_inputs(qwen_tokenizer, "hi", [], "sys", None, {})[3].max_new_tokens == CHAT_MAX_NEW_TOKENS == 512
+    assert model.generation_config.max_new_tokens is None  # the model's own config is not changed
+
+
 def test_precision_flags(tiny_dir):
     assert QWenLMHeadModel.from_pretrained(tiny_dir).dtype == torch.float32
     assert QWenLMHeadModel.from_pretrained(tiny_dir, fp32=False, bf16=True).dtype == torch.bfloat16
