@@ -19,11 +19,12 @@ from quantize.gptq import accumulate_hessian, gptq_quantize
 from quantize.quant_linear import QuantLinear
 
 
-def quantized_tiny(bits, group_size, sym=True, desc_act=False, heads=2, head_dim=64, layers=2, seed=0):
-    """A seeded tiny Qwen model (vocab 512, hidden 128) with its blocks' linears GPTQ-quantized, on the CPU kernels."""
+def quantized_tiny(bits, group_size, sym=True, desc_act=False, heads=2, head_dim=64, layers=2, seed=0, ffn=256):
+    """A seeded tiny Qwen model (vocab 512, hidden 128, MLP width ffn) with its blocks' linears GPTQ-quantized, on the
+    CPU kernels."""
     torch.manual_seed(seed)
     config = QWenConfig(vocab_size=512, hidden_size=128, num_hidden_layers=layers, num_attention_heads=heads,
-                        kv_channels=head_dim, intermediate_size=512, seq_length=2048, initializer_range=0.2,
+                        kv_channels=head_dim, intermediate_size=2 * ffn, seq_length=2048, initializer_range=0.2,
                         fp32=True, use_flash_attn=False)
     model = QWenLMHeadModel(config).eval()
     for block in model.transformer.h:
@@ -75,6 +76,18 @@ def test_fused_step_equals_the_blocks_one_by_one(bits, group_size, sym, batch, p
     assert fused[2] == steps - 1  # every decoded token after the prefill took the fused step
     assert torch.equal(fused[0], plain[0])
     assert all(torch.equal(a, b) for a, b in zip(fused[1], plain[1]))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_other_mlp_widths(bits, monkeypatch):
+    """An MLP 224 wide (c_proj's last group partial: 224 = 3 x 64 + 32), batch 2: every logit equal. 200 wide, c_proj's
+    packed inputs are padded to 224 rows: the blocks run one by one (the kernel takes inputs as they are)."""
+    ids = torch.randint(1, 512, (2, 33), generator=torch.Generator().manual_seed(9))
+    model = quantized_tiny(bits, 64, ffn=224)
+    fused, plain = decode(model, ids, 4, True, monkeypatch), decode(model, ids, 4, False, monkeypatch)
+    assert fused[2] == 3 and torch.equal(fused[0], plain[0])
+    assert all(torch.equal(a, b) for a, b in zip(fused[1], plain[1]))
+    assert decode(quantized_tiny(bits, 64, ffn=200), ids, 4, True, monkeypatch)[2] == 0
 
 
 def test_threads_do_not_change_the_result(monkeypatch):
