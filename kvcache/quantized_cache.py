@@ -272,6 +272,14 @@ class QuantizedKVLayer(DynamicLayer):
             self._set_states(fn(t) for t in self._states())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search's reorder; an int8 token-layout layer with room left (see ``room``) writes it back into its
+        reserved buffers, so its states stay their prefix views and the fused decode step keeps taking them."""
+        filled = self.get_seq_length()
+        if filled and self.room(filled) is not None:
+            for name in self._names:
+                view = getattr(self, name)
+                view.copy_(view.index_select(0, beam_idx.to(view.device)))
+            return
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:

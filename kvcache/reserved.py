@@ -86,6 +86,15 @@ class ReservedLayer(DynamicLayer):
         self.keys = self._buffers["keys"].narrow(-2, 0, filled)
         self.values = self._buffers["values"].narrow(-2, 0, filled)
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search's reorder written back into the reserved buffers, so the filled states stay their prefix views
+        (and the next position is appended in place, or by the fused decode step) rather than becoming new tensors."""
+        filled = self.get_seq_length()
+        if filled == 0 or self.room(filled) is None:
+            return super().reorder_cache(beam_idx)
+        for view in (self.keys, self.values):
+            view.copy_(view.index_select(0, beam_idx.to(view.device)))
+
     def reset(self) -> None:
         self._buffers = {}
         super().reset()

@@ -90,6 +90,27 @@ def test_other_mlp_widths(bits, monkeypatch):
     assert decode(quantized_tiny(bits, 64, ffn=200), ids, 4, True, monkeypatch)[2] == 0
 
 
+@pytest.mark.parametrize("kv", ["float", "int8"])
+def test_beam_search(kv, monkeypatch):
+    """Beam search reorders the float and the int8 cache in their reserved buffers, so every decoded step still takes
+    the fused call; sequences and scores equal the blocks one by one."""
+    model = quantized_tiny(4, 64)
+    model.config.use_cache_quantization = kv == "int8"
+    ids = torch.randint(1, 512, (2, 20), generator=torch.Generator().manual_seed(10))
+    runs = []
+    for fused in (True, False):
+        real, ran = cpu_decode_step.decode_blocks_cpu, []
+        monkeypatch.setattr(modeling_qwen, "decode_blocks_cpu",
+                            lambda *a: ran.append(real(*a) if fused else None) or ran[-1])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False,
+                                 pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        runs.append((out, sum(r is not None for r in ran)))
+    (fused, fused_calls), (plain, plain_calls) = runs
+    assert fused_calls == 5 and plain_calls == 0 and torch.equal(fused.sequences, plain.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fused.scores, plain.scores))
+
+
 def test_threads_do_not_change_the_result(monkeypatch):
     model = quantized_tiny(4, 64)
     ids = torch.randint(1, 512, (2, 40), generator=torch.Generator().manual_seed(2))

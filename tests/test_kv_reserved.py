@@ -98,6 +98,51 @@ def flat(states):
     return out
 
 
+def test_beam_reorder_stays_in_the_reserved_buffers():
+    """reorder_cache (beam search) gives DynamicCache's states and keeps them prefix views of the buffers, so the next
+    append is in place; with no room left it is DynamicCache's reorder."""
+    reserved, dynamic = ReservedCache(capacity=10), DynamicCache()
+    beams = torch.tensor([1, 1, 0])
+    for k, v in steps(batch=3, lengths=(4, 1)):
+        reserved.update(k, v, 0)
+        dynamic.update(k, v, 0)
+    buffer = reserved.layers[0]._buffers["keys"]
+    reserved.reorder_cache(beams)
+    dynamic.reorder_cache(beams)
+    layer = reserved.layers[0]
+    assert layer.keys.data_ptr() == buffer.data_ptr() and layer.room(5) is not None
+    assert torch.equal(layer.keys, dynamic.layers[0].keys) and torch.equal(layer.values, dynamic.layers[0].values)
+    k, v = steps(batch=3, lengths=(1,), seed=1)[0]
+    assert torch.equal(reserved.update(k, v, 0)[0], dynamic.update(k, v, 0)[0])
+    assert reserved.layers[0]._buffers["keys"].data_ptr() == buffer.data_ptr()
+    full = ReservedCache(capacity=2)
+    for k, v in steps(batch=3, lengths=(2,)):
+        full.update(k, v, 0)
+    full.reorder_cache(beams)  # no slot left: a new tensor, as DynamicCache's
+    assert full.layers[0].keys.data_ptr() != full.layers[0]._buffers["keys"].data_ptr()
+
+
+def test_int8_beam_reorder_stays_in_the_reserved_buffers():
+    """The int8 token-layout cache reorders in its reserved buffers too: the states equal an unreserved cache's after
+    the same reorder, stay prefix views, and the next update is written in place."""
+    reserved, plain = QuantizedKVCache(bits=8, capacity=12), QuantizedKVCache(bits=8)
+    beams = torch.tensor([2, 0, 0])
+    for k, v in steps(batch=3, lengths=(5, 1)):
+        reserved.update(k, v, 0)
+        plain.update(k, v, 0)
+    layer = reserved.layers[0]
+    buffers = {name: layer._buffers[name].data_ptr() for name in layer._names}
+    reserved.reorder_cache(beams)
+    plain.reorder_cache(beams)
+    for name in layer._names:
+        assert getattr(layer, name).data_ptr() == buffers[name]
+        assert torch.equal(getattr(layer, name), getattr(plain.layers[0], name))
+    k, v = steps(batch=3, lengths=(1,), seed=2)[0]
+    reserved.update(k, v, 0)
+    plain.update(k, v, 0)
+    assert layer.q_value.data_ptr() == buffers["q_value"] and torch.equal(layer.q_value, plain.layers[0].q_value)
+
+
 def test_reserved_layer_decode_appends_in_place_and_falls_back_when_anything_changed():
     """The decode fast path writes after the filled positions without reallocating; states the caller replaced, or
     new states of another shape or dtype, or a full reservation take the general path, still as torch.cat would."""
