@@ -2,7 +2,8 @@
 // even channel in the low nibble). They read the uint8 codes straight from the cache and convert them in registers,
 // so a decoded token reads 1 (8-bit) or 0.5 (4-bit) bytes per cached element instead of the float cache's 4; the
 // per-token scale s and zero z are applied by algebra (kvcache/cpu_kernels.py states it). Rows are batch x heads and
-// run in parallel (at::parallel_for). Built and loaded by kvcache/cpu_kernels.py.
+// run in parallel (at::parallel_for). The one-pass decode attention is attend_blocks.h and the per-token codes'
+// arithmetic token_codes.h, both shared with the fused decode step. Built and loaded by kvcache/cpu_kernels.py.
 #include "attend_blocks.h"
 #include "token_codes.h"
 
