@@ -143,10 +143,12 @@ class DecodePlan {
   // hidden [B, E] float32: the embedded token of each sequence. keys/values: each block's reserved float cache buffer
   // [B, heads, capacity > past, head_dim], filled up to `past`; this step's key (rotated) and value are written at
   // position `past`. cos/sin [1 or B, 1, 1, head_dim] for this position; mask optional, additive, broadcasting to
-  // [B, 1, 1, past + 1]. Returns the hidden states after the last block, [B, E].
+  // [B, 1, 1, past + 1]; logn optional, float32 [B]: each sequence's queries scaled by it after the rotary (the
+  // original's logn attention past seq_length). Returns the hidden states after the last block, [B, E].
   at::Tensor step(const at::Tensor& hidden, const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
-                  int64_t past, const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& mask) {
-    check_step(hidden, past, cos, sin, mask);
+                  int64_t past, const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& mask,
+                  const c10::optional<at::Tensor>& logn) {
+    check_step(hidden, past, cos, sin, mask, logn);
     TORCH_CHECK(keys.size() == blocks_.size() && values.size() == blocks_.size(), "one key and one value buffer per "
                 "block");
     const int64_t B = hidden.size(0);
@@ -156,7 +158,7 @@ class DecodePlan {
       check_buffer(values[l], at::kFloat, B, heads_, past, head_dim_, "cache buffers");
       layers.push_back({keys[l].data_ptr<float>(), values[l].data_ptr<float>(), keys[l].size(2)});
     }
-    return run(hidden, layers, past, cos, sin, mask).first;
+    return run(hidden, layers, past, cos, sin, mask, logn).first;
   }
 
   // The same over the int8 token-layout quantized cache: per block (q_key, key_scale, key_zero, q_value, value_scale,
@@ -166,8 +168,9 @@ class DecodePlan {
   // must not take position `past` as filled.
   std::pair<at::Tensor, bool> step_int8(const at::Tensor& hidden, const std::vector<std::vector<at::Tensor>>& caches,
                                         int64_t past, const at::Tensor& cos, const at::Tensor& sin,
-                                        const c10::optional<at::Tensor>& mask, double qmin, double qmax) {
-    check_step(hidden, past, cos, sin, mask);
+                                        const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& logn,
+                                        double qmin, double qmax) {
+    check_step(hidden, past, cos, sin, mask, logn);
     TORCH_CHECK(caches.size() == blocks_.size(), "one cache layer per block");
     const int64_t B = hidden.size(0);
     std::vector<Int8Layer> layers;
@@ -182,12 +185,12 @@ class DecodePlan {
                         c[3].data_ptr<uint8_t>(), c[4].data_ptr<float>(), c[5].data_ptr<float>(), c[0].size(2),
                         static_cast<float>(qmin), static_cast<float>(qmax)});
     }
-    return run(hidden, layers, past, cos, sin, mask);
+    return run(hidden, layers, past, cos, sin, mask, logn);
   }
 
  private:
   void check_step(const at::Tensor& hidden, int64_t past, const at::Tensor& cos, const at::Tensor& sin,
-                  const c10::optional<at::Tensor>& mask) const {
+                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& logn) const {
     TORCH_CHECK(hidden.device().is_cpu() && hidden.scalar_type() == at::kFloat && hidden.dim() == 2 &&
                     hidden.size(1) == hidden_ && hidden.size(0) > 0 && hidden.is_contiguous(),
                 "hidden must be a contiguous float32 CPU tensor [batch, ", hidden_, "]");
@@ -202,17 +205,22 @@ class DecodePlan {
       TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->dim() == 4 && mask->size(1) == 1 && mask->size(2) == 1 &&
                       mask->size(3) == past + 1 && (mask->size(0) == 1 || mask->size(0) == B),
                   "mask must be float32 [1 or batch, 1, 1, ", past + 1, "]");
+    if (logn.has_value() && logn->defined())
+      TORCH_CHECK(logn->device().is_cpu() && logn->scalar_type() == at::kFloat && logn->dim() == 1 &&
+                      logn->size(0) == B && logn->is_contiguous(),
+                  "logn must be a contiguous float32 CPU tensor [", B, "]");
   }
 
   // Every block for a checked step over `layers` (one cache layer per block, see FloatLayer / Int8Layer).
   template <typename CacheLayer>
   std::pair<at::Tensor, bool> run(const at::Tensor& hidden, const std::vector<CacheLayer>& layers, int64_t past,
-                                  const at::Tensor& cos, const at::Tensor& sin,
-                                  const c10::optional<at::Tensor>& mask) const {
+                                  const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& mask,
+                                  const c10::optional<at::Tensor>& logn) const {
     const int64_t E = hidden_, H = heads_, D = head_dim_, P = H * D, F = ffn_;
     const int64_t B = hidden.size(0), T = past + 1, R = B * H;
     at::Tensor mask_t;
     if (mask.has_value() && mask->defined()) mask_t = mask->expand({B, H, 1, T});
+    const float* logn_p = logn.has_value() && logn->defined() ? logn->data_ptr<float>() : nullptr;
     std::vector<int64_t> parts(blocks_.size() * 5);
     int64_t most = 1;
     for (size_t l = 0; l < blocks_.size(); ++l) {
@@ -249,6 +257,8 @@ class DecodePlan {
           const float* s = sin.data_ptr<float>() + ci * D;
           const float* row = qkv.data() + i * 3 * P;
           decode_ops::rotate_head(row + head * D, c, s, D, query.data() + r * D);
+          if (logn_p != nullptr)
+            for (int64_t d = 0; d < D; ++d) query[r * D + d] *= logn_p[i];
           if (r % n != tid) continue;
           decode_ops::rotate_head(row + P + head * D, c, s, D, key.data());
           if (!layers[l].append(r, past, key.data(), row + 2 * P + head * D, D)) finite[tid] = 0;
@@ -326,9 +336,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<const std::vector<py::tuple>&, int64_t, int64_t, double, double>(), py::arg("blocks"),
            py::arg("bits"), py::arg("heads"), py::arg("eps"), py::arg("scale"))
       .def("step", &DecodePlan::step, py::arg("hidden"), py::arg("keys"), py::arg("values"), py::arg("past"),
-           py::arg("cos"), py::arg("sin"), py::arg("mask") = py::none(),
+           py::arg("cos"), py::arg("sin"), py::arg("mask") = py::none(), py::arg("logn") = py::none(),
            "hidden [batch, E] of one decoded token through every block; writes its keys and values at `past`")
       .def("step_int8", &DecodePlan::step_int8, py::arg("hidden"), py::arg("caches"), py::arg("past"), py::arg("cos"),
-           py::arg("sin"), py::arg("mask") = py::none(), py::arg("qmin") = 0.0, py::arg("qmax") = 255.0,
+           py::arg("sin"), py::arg("mask") = py::none(), py::arg("logn") = py::none(), py::arg("qmin") = 0.0,
+           py::arg("qmax") = 255.0,
            "step over the int8 token-layout cache; returns (hidden, whether every quantized row was finite)");
 }

@@ -8,11 +8,11 @@ block in one parallel region instead, with the same arithmetic (the logits equal
 It applies to a decoded token (one position per sequence, fewer than ``cpu_gptq.GEMV_ROWS`` sequences) in float32
 on CPU, without autograd recording, when every block's five linear layers are QuantLinear layers already running on
 this package's CPU kernels with their inputs as they are (as ``quant_linear.gated_mlp_cpu`` requires), the same
-bits, the rotary covers whole heads, no logn scaling applies, and the cache is one that ``generate()`` makes, with
-room for the token in every layer: the float ``ReservedCache``, or the int8 ``QuantizedKVCache`` in its token layout
-(float32 scales). Elsewhere it returns None and the model runs its blocks one by one. The plan (the layers' tensors
-as the kernel takes them) is built once per model and rebuilt when a layer's prepared weight or a norm's weight
-changes.
+bits, the rotary covers whole heads, and the cache is one that ``generate()`` makes, with room for the token in every
+layer: the float ``ReservedCache``, or the int8 ``QuantizedKVCache`` in its token layout (float32 scales). Past
+``seq_length`` the dynamic NTK rotary and the logn query scaling apply as in the blocks. Elsewhere it returns None
+and the model runs its blocks one by one. The plan (the layers' tensors as the kernel takes them) is built once per
+model and rebuilt when a layer's prepared weight or a norm's weight changes.
 """
 from __future__ import annotations
 
@@ -92,8 +92,9 @@ def decode_blocks_cpu(model, hidden: torch.Tensor, cache, rotary, mask, logn_sca
     and values appended to ``cache``; None where the fused step does not apply (see the module docstring)."""
     b, s, width = hidden.shape
     if (s != 1 or b >= cpu_gptq.GEMV_ROWS or hidden.dtype != torch.float32 or hidden.device.type != "cpu"
-            or logn_scale is not None or model.training or not isinstance(cache, (ReservedCache, QuantizedKVCache))
-            or (mask is not None and mask.dtype != torch.float32)):
+            or model.training or not isinstance(cache, (ReservedCache, QuantizedKVCache))
+            or (mask is not None and mask.dtype != torch.float32)
+            or (logn_scale is not None and (logn_scale.dtype != torch.float32 or logn_scale.numel() != b))):
         return None
     parts = []
     for block in model.h._modules.values():
@@ -124,10 +125,11 @@ def decode_blocks_cpu(model, hidden: torch.Tensor, cache, rotary, mask, logn_sca
         _logged.add(model)
         log.info("decoded tokens run all %d blocks as one call of the fused CPU decode step", len(parts))
     hidden2, cos, sin = hidden.reshape(b, width).contiguous(), cos.contiguous(), sin.contiguous()
+    logn = None if logn_scale is None else logn_scale.reshape(b).contiguous()
     if type(layers[0]) is ReservedLayer:
-        out = plan.step(hidden2, [room[0] for room in rooms], [room[1] for room in rooms], past, cos, sin, mask)
+        out = plan.step(hidden2, [room[0] for room in rooms], [room[1] for room in rooms], past, cos, sin, mask, logn)
     else:
-        out, finite = plan.step_int8(hidden2, rooms, past, cos, sin, mask, layers[0].qmin, layers[0].qmax)
+        out, finite = plan.step_int8(hidden2, rooms, past, cos, sin, mask, logn, layers[0].qmin, layers[0].qmax)
         check_finite(finite)  # as the op-by-op path raises, before any layer takes the position as filled
     for layer in layers:
         layer.commit(past + 1)

@@ -19,13 +19,14 @@ from quantize.gptq import accumulate_hessian, gptq_quantize
 from quantize.quant_linear import QuantLinear
 
 
-def quantized_tiny(bits, group_size, sym=True, desc_act=False, heads=2, head_dim=64, layers=2, seed=0, ffn=256):
+def quantized_tiny(bits, group_size, sym=True, desc_act=False, heads=2, head_dim=64, layers=2, seed=0, ffn=256,
+                   seq_length=2048):
     """A seeded tiny Qwen model (vocab 512, hidden 128, MLP width ffn) with its blocks' linears GPTQ-quantized, on the
     CPU kernels."""
     torch.manual_seed(seed)
     config = QWenConfig(vocab_size=512, hidden_size=128, num_hidden_layers=layers, num_attention_heads=heads,
-                        kv_channels=head_dim, intermediate_size=2 * ffn, seq_length=2048, initializer_range=0.2,
-                        fp32=True, use_flash_attn=False)
+                        kv_channels=head_dim, intermediate_size=2 * ffn, seq_length=seq_length, initializer_range=0.2,
+                        fp32=True, use_flash_attn=False, use_dynamic_ntk=True, use_logn_attn=True)
     model = QWenLMHeadModel(config).eval()
     for block in model.transformer.h:
         for owner, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "w1"), (block.mlp, "w2"),
@@ -109,6 +110,20 @@ def test_beam_search(kv, monkeypatch):
     (fused, fused_calls), (plain, plain_calls) = runs
     assert fused_calls == 5 and plain_calls == 0 and torch.equal(fused.sequences, plain.sequences)
     assert all(torch.equal(a, b) for a, b in zip(fused.scores, plain.scores))
+
+
+@pytest.mark.parametrize("kv", ["float", "int8"])
+def test_past_seq_length_logn_and_ntk(kv, monkeypatch):
+    """Past seq_length (64 here) the queries are scaled by logn and the rotary takes the dynamic NTK base: the fused
+    step applies both as the blocks do, batch 2 with left padding; every logit equal."""
+    model = quantized_tiny(4, 64, seq_length=64)
+    model.config.use_cache_quantization = kv == "int8"
+    ids = torch.randint(1, 512, (2, 90), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    fused, plain = decode(model, ids, 5, True, monkeypatch, mask), decode(model, ids, 5, False, monkeypatch, mask)
+    assert fused[2] == 4 and torch.equal(fused[0], plain[0])
+    assert all(torch.equal(a, b) for a, b in zip(fused[1], plain[1]))
 
 
 def test_threads_do_not_change_the_result(monkeypatch):
