@@ -61,6 +61,18 @@ def report_stop(signum: int) -> int:
     return 128 + signum
 
 
+def failure_status(e: Exception, expected: tuple) -> int:
+    """The exit status of a run inside stop_on_signals that raised `e`: the stop's (report_stop) when a signal's
+    `Stopped` was turned into `e` by the call it interrupted; one error line and 1 for the `expected` kinds of bad
+    input; anything else is raised again."""
+    if stop_signal() is not None:
+        return report_stop(stop_signal())
+    if not isinstance(e, expected):
+        raise e
+    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    return 1
+
+
 def build_parser(bits: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m quantize.gptq_int{bits}",
@@ -194,13 +206,7 @@ def main(bits: int, argv=None) -> int:
     except Stopped as e:
         return report_stop(e.signum)
     except Exception as e:
-        if stop_signal() is not None:  # the signal's Stopped, turned into another error by the call it interrupted
-            return report_stop(stop_signal())
-        if not isinstance(e, (OSError, ValueError, RuntimeError, KeyError)):
-            raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+        return failure_status(e, (OSError, ValueError, RuntimeError, KeyError))
     print(f"wrote {bits}-bit GPTQ checkpoint to {out}")
     from quantize.model_families import model_type_of
 

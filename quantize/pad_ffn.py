@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from quantize.cli import Stopped, print_vllm_support, report_stop, stop_on_signals, stop_signal
+from quantize.cli import Stopped, failure_status, print_vllm_support, report_stop, stop_on_signals
 from quantize.ffn_padding import pad_checkpoint
 
 
@@ -24,12 +24,7 @@ def main(argv=None) -> int:
     except Stopped as e:
         return report_stop(e.signum)
     except Exception as e:
-        if stop_signal() is not None:  # the signal's Stopped, turned into another error by the call it interrupted
-            return report_stop(stop_signal())
-        if not isinstance(e, (OSError, ValueError, KeyError)):
-            raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 1
+        return failure_status(e, (OSError, ValueError, KeyError))
     print(f"wrote padded GPTQ checkpoint to {out}")
     print_vllm_support(out)
     return 0

@@ -204,18 +204,27 @@ class QuantLinear(nn.Module):
                 f"kernel={self.kernel}")
 
 
-def gated_mlp_cpu(x: torch.Tensor, w1: nn.Module, w2: nn.Module, c_proj: nn.Module):
-    """``c_proj(w1(x) * silu(w2(x)))`` in one call of the CPU kernels where all three are QuantLinear layers whose
-    forward already runs CPU float inputs on them (``cpu_gptq.gated_mlp``): a decoded token's float32 rows (fewer than
-    GEMV_ROWS), the same bits, inputs taken as they are (no act-order gather or padding). None otherwise, for the
-    layers one by one. A decode step of SmolLM2 saves 60 layer calls and 60 tensor ops this way."""
-    if not (type(w1) is QuantLinear and type(w2) is QuantLinear and type(c_proj) is QuantLinear):
+def prepared_cpu_weights(layers):
+    """The prepared CPU weights of ``layers`` when every one is a QuantLinear whose forward already runs CPU float
+    inputs on this package's kernels and takes its inputs as they are (no act-order gather or padding): what a fused
+    call (``gated_mlp_cpu``, the fused decode step) may read in the layers' place; None otherwise."""
+    if any(type(layer) is not QuantLinear for layer in layers):
         return None
-    weights = [layer._prepared.get(("forward", layer.kernel)) for layer in (w1, w2, c_proj)]
+    weights = [layer._prepared.get(("forward", layer.kernel)) for layer in layers]
+    if any(w is None or not w.takes_input_as_is() for w in weights):
+        return None
+    return weights
+
+
+def gated_mlp_cpu(x: torch.Tensor, w1: nn.Module, w2: nn.Module, c_proj: nn.Module):
+    """``c_proj(w1(x) * silu(w2(x)))`` in one call of the CPU kernels where all three layers qualify
+    (``prepared_cpu_weights``; ``cpu_gptq.gated_mlp``): a decoded token's float32 rows (fewer than GEMV_ROWS), the same
+    bits. None otherwise, for the layers one by one. A decode step of SmolLM2 saves 60 layer calls and 60 tensor ops
+    this way."""
+    weights = prepared_cpu_weights((w1, w2, c_proj))
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (any(w is None or not w.takes_input_as_is() for w in weights) or x.dtype != torch.float32
-            or x.device.type != "cpu" or not 0 < rows < cpu_gptq.GEMV_ROWS or len({w1.bits, w2.bits, c_proj.bits}) != 1
-            or (x.requires_grad and torch.is_grad_enabled())):
+    if (weights is None or x.dtype != torch.float32 or x.device.type != "cpu" or not 0 < rows < cpu_gptq.GEMV_ROWS
+            or len({w1.bits, w2.bits, c_proj.bits}) != 1 or (x.requires_grad and torch.is_grad_enabled())):
         return None
     _log_once("QuantLinear: %d-bit SwiGLU MLPs of decoded tokens run as one gated_mlp call of the CPU kernels",
               w1.bits)

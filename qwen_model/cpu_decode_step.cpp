@@ -42,18 +42,6 @@ void check_norm(const at::Tensor& w, int64_t size, const char* name) {
 int64_t inputs(const Layer& layer, int64_t bits) { return layer.words.size(0) * (32 / bits); }
 int64_t outputs(const Layer& layer) { return layer.words.size(1); }
 
-// x [rows, K] (rows K apart) through `layer`: thread `tid` of `threads` computes its word blocks (parts) into
-// partial; after the barrier every thread sums all parts (and the bias) into its own y [rows, N].
-template <int BITS>
-void gemv(const float* x, int64_t rows, const Layer& layer, int64_t parts, float* partial, float* y, int tid,
-          int threads) {
-  const int64_t size = rows * outputs(layer);
-  for (int64_t part = tid; part < parts; part += threads)
-    gptq_gemv::gemv_part<BITS>(x, rows, inputs(layer, BITS), layer, partial + part * size, part, parts);
-#pragma omp barrier
-  gptq_gemv::sum_parts(partial, parts, rows, outputs(layer), gptq_gemv::bias_data(layer.bias), y);
-}
-
 // A block's float cache: reserved key and value buffers [B, H, capacity, D] float32.
 struct FloatLayer {
   float* keys;
@@ -269,7 +257,7 @@ class DecodePlan {
         for (int64_t k = 0; k < B * E; ++k) h[k] += y[k];
         for (int64_t r = 0; r < B; ++r)
           decode_ops::rms_norm_row(h.data() + r * E, b.ln_2.data_ptr<float>(), E, eps_, x.data() + r * E);
-        run_gemv(x.data(), B, b.w1, lp[2], part_a.data(), up.data(), tid, n, /*wait=*/false);
+        gemv_parts(x.data(), B, b.w1, lp[2], part_a.data(), tid, n);  // summed after w2's barrier
         run_gemv(x.data(), B, b.w2, lp[3], part_c.data(), gate.data(), tid, n);
         gptq_gemv::sum_parts(part_a.data(), lp[2], B, F, gptq_gemv::bias_data(b.w1.bias), up.data());
         at::Tensor gate_t = at::from_blob(gate.data(), {B, F}, at::TensorOptions().dtype(at::kFloat));
@@ -284,24 +272,25 @@ class DecodePlan {
     return {out, std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; })};
   }
 
-  // gemv for this plan's bits; wait=false computes the parts without the barrier and the sum (w1, whose parts are
-  // summed after w2's barrier).
-  void run_gemv(const float* x, int64_t rows, const Layer& layer, int64_t parts, float* partial, float* y, int tid,
-                int threads, bool wait = true) const {
-    if (!wait) {
-      const int64_t size = rows * outputs(layer);
-      const int64_t k = layer.words.size(0) * (32 / bits_);
-      for (int64_t part = tid; part < parts; part += threads) {
-        float* out = partial + part * size;
-        if (bits_ == 2) gptq_gemv::gemv_part<2>(x, rows, k, layer, out, part, parts);
-        else if (bits_ == 4) gptq_gemv::gemv_part<4>(x, rows, k, layer, out, part, parts);
-        else gptq_gemv::gemv_part<8>(x, rows, k, layer, out, part, parts);
-      }
-      return;
+  // This thread's word blocks (parts) of x [rows, K] through `layer` into partial, for this plan's bits.
+  void gemv_parts(const float* x, int64_t rows, const Layer& layer, int64_t parts, float* partial, int tid,
+                  int threads) const {
+    const int64_t size = rows * outputs(layer), k = inputs(layer, bits_);
+    for (int64_t part = tid; part < parts; part += threads) {
+      float* out = partial + part * size;
+      if (bits_ == 2) gptq_gemv::gemv_part<2>(x, rows, k, layer, out, part, parts);
+      else if (bits_ == 4) gptq_gemv::gemv_part<4>(x, rows, k, layer, out, part, parts);
+      else gptq_gemv::gemv_part<8>(x, rows, k, layer, out, part, parts);
     }
-    if (bits_ == 2) gemv<2>(x, rows, layer, parts, partial, y, tid, threads);
-    else if (bits_ == 4) gemv<4>(x, rows, layer, parts, partial, y, tid, threads);
-    else gemv<8>(x, rows, layer, parts, partial, y, tid, threads);
+  }
+
+  // The whole GEMV: every thread its parts, then (after the barrier) all parts and the bias summed by every thread
+  // into its own y [rows, N].
+  void run_gemv(const float* x, int64_t rows, const Layer& layer, int64_t parts, float* partial, float* y, int tid,
+                int threads) const {
+    gemv_parts(x, rows, layer, parts, partial, tid, threads);
+#pragma omp barrier
+    gptq_gemv::sum_parts(partial, parts, rows, outputs(layer), gptq_gemv::bias_data(layer.bias), y);
   }
 
   // The layer's attention: each thread runs a contiguous run of the (row, block) units, then (after a barrier) merges

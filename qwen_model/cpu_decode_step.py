@@ -27,7 +27,7 @@ from kvcache.cpu_kernels import check_finite
 from kvcache.quantized_cache import QuantizedKVCache, QuantizedKVLayer
 from kvcache.reserved import ReservedCache, ReservedLayer
 from quantize import cpu_gptq
-from quantize.quant_linear import QuantLinear
+from quantize.quant_linear import prepared_cpu_weights
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,13 @@ def load_step(portable: bool = False):
 
 
 def _block_parts(block):
-    """(ln_1 weight, c_attn, c_proj, ln_2 weight, w1, w2, mlp c_proj) with the layers' prepared CPU weights; None where
-    a layer is not a QuantLinear already running on the CPU kernels with its input as is. Submodules are read from
+    """(ln_1 weight, c_attn, c_proj, ln_2 weight, w1, w2, mlp c_proj) with the layers' prepared CPU weights
+    (``quant_linear.prepared_cpu_weights``); None where a layer does not qualify. Submodules are read from
     ``_modules`` directly: nn.Module's attribute lookup costs about a microsecond, ~300 times a decode step."""
     modules = block._modules
     attn, mlp = modules["attn"]._modules, modules["mlp"]._modules
-    linears = (attn["c_attn"], attn["c_proj"], mlp["w1"], mlp["w2"], mlp["c_proj"])
-    if any(type(layer) is not QuantLinear for layer in linears):
-        return None
-    weights = [layer._prepared.get(("forward", layer.kernel)) for layer in linears]
-    if any(w is None or not w.takes_input_as_is() for w in weights):
+    weights = prepared_cpu_weights((attn["c_attn"], attn["c_proj"], mlp["w1"], mlp["w2"], mlp["c_proj"]))
+    if weights is None:
         return None
     c_attn, c_proj, w1, w2, mlp_proj = weights
     return (modules["ln_1"]._parameters["weight"], c_attn, c_proj, modules["ln_2"]._parameters["weight"], w1, w2,
